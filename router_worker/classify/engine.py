@@ -1,0 +1,36 @@
+"""The engine interface: a batch of texts in, a batch of predictions out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from router_worker.events import Tier
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One text's classification: labels, confidence and per-class scores."""
+
+    category: str
+    complexity: str
+    confidence: float
+    scores: dict[str, float] = field(default_factory=dict)
+    complexity_confidence: float = 1.0
+    tier: Tier = Tier.CLASSIFIER
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A classifier backend. `classify` is batch in, batch out, same order, same length."""
+
+    name: str
+
+    @property
+    def version(self) -> str:
+        """The artifact version stamped on every decision as `classifier_version`."""
+        ...
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        """Classify a batch; must not do per-item I/O."""
+        ...

@@ -1,0 +1,80 @@
+"""Settings, parsed once from `ROUTER_*` environment variables and passed down."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CONFIG = Path(__file__).parent / "defaults" / "routing.yaml"
+DEFAULT_ARTIFACT = Path("artifacts") / "classifier"
+
+EngineName = Literal["keyword", "cpu", "vllm"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker; `ROUTER_<FIELD>` in the environment sets it."""
+
+    model_config = SettingsConfigDict(env_prefix="ROUTER_", frozen=True, extra="ignore")
+
+    # --- connections -----------------------------------------------------------------------
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap host:port list")
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"), description="Redis URL (redis:// or rediss://)"
+    )
+    database_url: SecretStr = Field(
+        SecretStr("postgresql://postgres@127.0.0.1:5432/postgres"),
+        description="PostgreSQL URL for the sink (postgresql://user:pass@host:port/db)",
+    )
+    database_schema: str = Field("public", description="Postgres schema holding the tables")
+    redis_prefix: str = Field("rw:", description="prefix of every Redis key this worker touches")
+    topic_prefix: str = Field("", description="prefix prepended to every topic name (isolation)")
+
+    # --- Kafka security (production) -----------------------------------------------------
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+
+    # --- the app and its consumer groups ---------------------------------------------------
+    app_id: str = Field("router-worker", description="Faust app id = the route consumer group")
+    topic_partitions: int = Field(4, ge=1, description="partitions of the routing topics")
+    web_port: int = Field(6066, ge=0, le=65535, description="worker web port (metrics, health)")
+    session_timeout_s: float = Field(
+        2.0, gt=0, description="consumer session timeout; 2 s joins fast on the embedded broker"
+    )
+    heartbeat_interval_s: float = Field(0.5, gt=0, description="consumer heartbeat interval")
+    commit_interval_s: float = Field(0.5, gt=0, description="how often acked offsets are committed")
+
+    # --- routing -----------------------------------------------------------------------------
+    config: Path = Field(DEFAULT_CONFIG, description="path of the YAML routing config")
+    max_batch: int = Field(512, ge=1, description="largest micro-batch the route agent takes")
+    max_wait_ms: float = Field(10.0, gt=0, description="longest wait to fill a micro-batch")
+    max_prompt_bytes: int = Field(65536, ge=1, description="prompt text above this is too_large")
+    engine: EngineName = Field("cpu", description="classifier engine: keyword, cpu or vllm")
+    artifact: Path = Field(DEFAULT_ARTIFACT, description="classifier artifact directory")
+    artifact_poll_s: float = Field(2.0, gt=0, description="how often a new artifact is looked for")
+
+    # --- sink ----------------------------------------------------------------------------------
+    sink_group: str = Field("router-worker-sink", description="consumer group of the sink agent")
+    sink_max_batch: int = Field(1000, ge=1, description="largest batch of rows per write")
+    sink_max_wait_ms: float = Field(50.0, gt=0, description="longest wait to fill a sink batch")
+
+    # --- logs ----------------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_prompts: bool = Field(False, description="log prompt text (off: hash and length only)")
+
+    def topic(self, name: str) -> str:
+        """Full topic name with this deployment's prefix."""
+        return f"{self.topic_prefix}{name}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()
