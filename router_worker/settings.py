@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CONFIG = Path(__file__).parent / "defaults" / "routing.yaml"
 DEFAULT_ARTIFACT = Path("artifacts") / "classifier"
+DEFAULT_STATIC_MODEL = Path("models") / "static-minilm"
 
 EngineName = Literal["keyword", "cpu", "vllm"]
 
@@ -58,6 +59,14 @@ class Settings(BaseSettings):
     engine: EngineName = Field("cpu", description="classifier engine: keyword, cpu or vllm")
     artifact: Path = Field(DEFAULT_ARTIFACT, description="classifier artifact directory")
     artifact_poll_s: float = Field(2.0, gt=0, description="how often a new artifact is looked for")
+    static_model: Path = Field(
+        DEFAULT_STATIC_MODEL, description="distilled static encoder built by `make model`"
+    )
+    encoder_stage: bool = Field(
+        False, description="send low-confidence requests to the full MiniLM encoder (2nd stage)"
+    )
+    engine_threads: int = Field(1, ge=1, description="threads the CPU engine may use")
+    vllm_model: Path | None = Field(None, description="encoder directory vLLM loads (gpu extra)")
 
     # --- sink ----------------------------------------------------------------------------------
     sink_group: str = Field("router-worker-sink", description="consumer group of the sink agent")
