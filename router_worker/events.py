@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -187,3 +188,34 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
 }
 
 Status = Literal["completed", "failed"]
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema of every topic's payload, keyed by topic name."""
+    schemas = {}
+    for topic, model in EVENT_MODELS.items():
+        schema = model.model_json_schema()
+        schema["$id"] = f"https://router-worker.dev/schemas/{topic}.json"
+        schema["title"] = topic
+        schemas[topic] = schema
+    return schemas
+
+
+def write_schemas(directory: Path) -> list[Path]:
+    """Regenerate `schemas/*.json` from the models (run by `make schemas`)."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for topic, schema in json_schemas().items():
+        path = directory / f"{topic}.json"
+        path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    import sys
+
+    for written_path in write_schemas(Path(sys.argv[1] if len(sys.argv) > 1 else "schemas")):
+        print(written_path)

@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     vllm_model: Path | None = Field(None, description="encoder directory vLLM loads (gpu extra)")
 
     # --- sink ----------------------------------------------------------------------------------
+    run_sink: bool = Field(True, description="run the Postgres sink inside the worker process")
     sink_group: str = Field("router-worker-sink", description="consumer group of the sink agent")
     sink_max_batch: int = Field(1000, ge=1, description="largest batch of rows per write")
     sink_max_wait_ms: float = Field(50.0, gt=0, description="longest wait to fill a sink batch")

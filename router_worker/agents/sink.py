@@ -1,0 +1,130 @@
+"""The sink agent: its own consumer group, batches to Postgres, commits after durability."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from mode import Service
+
+from router_worker import topics
+from router_worker.errors import DependencyUnavailable
+from router_worker.kafka import client_options
+from router_worker.metrics import Metrics
+from router_worker.settings import Settings
+from router_worker.store.postgres import EventWriter, Source, row_from_event
+
+log = structlog.get_logger(__name__)
+
+_BACKOFF_START_S = 0.2
+_BACKOFF_MAX_S = 5.0
+
+
+def rows_from_records(
+    records: list[ConsumerRecord[bytes, bytes]], status_of: dict[str, str],
+) -> list[tuple[Any, ...]]:
+    """Rows for every well-formed record; a foreign, malformed record is logged and skipped."""
+    rows = []
+    for record in records:
+        try:
+            event = orjson.loads(record.value or b"")
+            rows.append(row_from_event(status_of[record.topic], event,
+                                       Source(record.topic, record.partition, record.offset)))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            log.error("sink_record_malformed", topic=record.topic, partition=record.partition,
+                      offset=record.offset, error=repr(exc)[:200])
+    return rows
+
+
+class SinkAgent(Service):  # type: ignore[misc]  # mode ships no type information
+    """Consumes completed/failed events and makes them durable rows."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, **kwargs: Any) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.writer = EventWriter(settings.database_url.get_secret_value(),
+                                  settings.database_schema)
+        self.status_of = {settings.topic(topics.COMPLETED): "completed",
+                          settings.topic(topics.FAILED): "failed"}
+        self.consumer: AIOKafkaConsumer | None = None
+        self.rows_written = 0
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        self.consumer = AIOKafkaConsumer(
+            *self.status_of, **client_options(self.settings),
+            group_id=self.settings.sink_group, enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(self.settings.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(self.settings.heartbeat_interval_s * 1000),
+            max_poll_records=self.settings.sink_max_batch,
+        )
+        await self.consumer.start()
+        self.add_future(self._run())
+
+    async def on_stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+        await self.writer.stop()
+
+    async def _run(self) -> None:
+        assert self.consumer is not None
+        consumer = self.consumer
+        timeout_ms = int(self.settings.sink_max_wait_ms)
+        while not self.should_stop:
+            try:
+                batches = await consumer.getmany(timeout_ms=timeout_ms,
+                                                 max_records=self.settings.sink_max_batch)
+            except KafkaError as exc:
+                log.warning("sink_fetch_failed", error=repr(exc)[:200])
+                await asyncio.sleep(_BACKOFF_START_S)
+                continue
+            if not batches:
+                continue
+            records = [r for recs in batches.values() for r in recs]
+            await self._write_until_durable(records)
+            offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items()}
+            await self._commit(consumer, offsets)
+            self._observe_lag(consumer, offsets)
+
+    async def _write_until_durable(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        rows = rows_from_records(records, self.status_of)
+        self.metrics.batch_size.labels("sink").observe(len(rows))
+        self.metrics.sink_lag.set(len(records))
+        delay = _BACKOFF_START_S
+        while True:
+            try:
+                await self.writer.write(rows)
+                break
+            except DependencyUnavailable as exc:
+                # Offsets stay uncommitted while Postgres is down, so nothing is lost; the
+                # consumer stops fetching meanwhile, which is the backpressure we want.
+                self.metrics.sink_retries.inc()
+                log.warning("sink_write_failed", retry_in_s=delay, error=str(exc)[:200])
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+                if self.should_stop:
+                    raise
+        self.rows_written += len(rows)
+        for row in rows:
+            self.metrics.sink_rows.labels(row[1]).inc()
+        self.metrics.sink_lag.set(0)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance took the partitions: the new owner re-reads from the last commit and
+            # the idempotent INSERT absorbs the repeats.
+            log.warning("sink_commit_failed", error=repr(exc)[:200])
+
+    def _observe_lag(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        for tp, position in offsets.items():
+            high = consumer.highwater(tp)
+            if high is not None:
+                self.metrics.consumer_lag.labels(self.settings.sink_group, tp.topic,
+                                                 str(tp.partition)).set(max(high - position, 0))

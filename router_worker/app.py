@@ -1,0 +1,153 @@
+"""Create the Faust app and register the route agent, the sink service and web endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import lru_cache
+from typing import Any
+
+import faust
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from router_worker import topics
+from router_worker.agents.route import Outgoing
+from router_worker.agents.runtime import RouteRuntime, inbound_from_event
+from router_worker.agents.sink import SinkAgent
+from router_worker.kafka import ssl_context
+from router_worker.logs import configure_logging
+from router_worker.metrics import Metrics, create_metrics
+from router_worker.settings import Settings, get_settings
+
+log = structlog.get_logger(__name__)
+
+_PRODUCE_BACKOFF_MAX_S = 5.0
+
+
+def broker_url(settings: Settings) -> str:
+    """Faust's broker URL list from the bootstrap host:port list."""
+    hosts = [h.strip() for h in settings.kafka_bootstrap.split(",") if h.strip()]
+    return ";".join(f"kafka://{h}" for h in hosts)
+
+
+def broker_credentials(settings: Settings) -> Any:
+    """Faust credentials for SASL/TLS, or None for PLAINTEXT."""
+    context = ssl_context(settings)
+    if settings.kafka_security_protocol.startswith("SASL"):
+        password = settings.kafka_sasl_password
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=password.get_secret_value() if password else None,
+            mechanism=settings.kafka_sasl_mechanism, ssl_context=context,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def faust_options(settings: Settings) -> dict[str, Any]:
+    """Faust settings derived from ours; the short timeouts make group joins fast on the
+    embedded broker (a JoinGroup waits half the session timeout there)."""
+    return {
+        "broker": broker_url(settings),
+        "broker_credentials": broker_credentials(settings),
+        "broker_session_timeout": settings.session_timeout_s,
+        "broker_heartbeat_interval": settings.heartbeat_interval_s,
+        "broker_commit_interval": settings.commit_interval_s,
+        "broker_rebalance_timeout": max(settings.session_timeout_s * 2, 4.0),
+        "consumer_auto_offset_reset": "earliest",
+        "producer_acks": -1,
+        "producer_linger": 0.002,
+        "producer_max_request_size": 4 * 1024 * 1024,
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+        "store": "memory://",
+        "topic_partitions": settings.topic_partitions,
+        "topic_replication_factor": 1,
+        "web_port": settings.web_port,
+        "web_host": "0.0.0.0",
+        "autodiscover": False,
+        "stream_buffer_maxsize": max(settings.max_batch * 4, 4096),
+        "table_standby_replicas": 0,
+    }
+
+
+async def send_all(app: faust.App, outgoing: list[Outgoing], stop: asyncio.Event | None) -> None:
+    """Produce a batch at once and wait for every acknowledgement; retry the batch on broker
+    errors (duplicates are fine: the sink is idempotent), never skip it."""
+    delay = 0.1
+    while True:
+        try:
+            futures = [
+                await app.producer.send(o.topic, o.key, o.value, None, None, o.headers)
+                for o in outgoing
+            ]
+            await asyncio.gather(*futures)
+            return
+        except Exception as exc:  # any produce failure: back off and resend the whole batch
+            log.error("produce_failed", records=len(outgoing), retry_in_s=delay,
+                      error=repr(exc)[:300])
+            if stop is not None and stop.is_set():
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _PRODUCE_BACKOFF_MAX_S)
+
+
+def create_app(settings: Settings) -> faust.App:
+    """A Faust app wired with the route agent and, unless disabled, the sink."""
+    configure_logging(settings)
+    app = faust.App(settings.app_id, **faust_options(settings))
+    metrics = create_metrics()
+    app.router_metrics = metrics
+    app.router_settings = settings
+    requested = app.topic(settings.topic(topics.REQUESTED), key_type=bytes, value_type=bytes,
+                          partitions=settings.topic_partitions)
+    state: dict[str, Any] = {"runtime": None}
+
+    @app.agent(requested, name="route")
+    async def route(stream: Any) -> None:
+        runtime = await RouteRuntime.start(settings, metrics)
+        state["runtime"] = runtime
+        try:
+            async for events in stream.noack_take(settings.max_batch,
+                                                  within=settings.max_wait_ms / 1000):
+                runtime.maybe_reload()
+                batch = [inbound_from_event(e) for e in events]
+                outgoing = await runtime.route(batch)
+                await send_all(app, outgoing, None)
+                # Acknowledge only now: the offsets Faust commits never run ahead of outputs.
+                for event in events:
+                    await stream.ack(event)
+        finally:
+            state["runtime"] = None
+            await runtime.stop()
+
+    if settings.run_sink:
+        app.service(SinkAgent(settings, metrics))
+    _register_pages(app, metrics, state)
+    return app
+
+
+def _register_pages(app: faust.App, metrics: Metrics, state: dict[str, Any]) -> None:
+    @app.page("/metrics")
+    async def metrics_page(web: Any, request: Any) -> Any:
+        # aiohttp wants the charset separately; Prometheus' exposition format is UTF-8 text.
+        content_type = CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4"
+        return web.bytes(generate_latest(metrics.registry), content_type=content_type)
+
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        return web.json({"status": "ok"})
+
+    @app.page("/readyz")
+    async def readyz(web: Any, request: Any) -> Any:
+        runtime = state["runtime"]
+        ready = runtime is not None
+        body = {"ready": ready, "classifier_version": runtime.version if ready else None}
+        return web.json(body, status=200 if ready else 503)
+
+
+@lru_cache(maxsize=1)
+def get_app() -> faust.App:
+    """The process-wide app, built from the environment's settings."""
+    return create_app(get_settings())

@@ -1,0 +1,66 @@
+"""Stages 4-5: the learned engine first, the keyword tier below its confidence threshold."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+
+import structlog
+
+from router_worker.classify.engine import Engine, Prediction
+from router_worker.classify.keyword import KeywordEngine
+from router_worker.config import Thresholds
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class CascadeResult:
+    """Predictions in input order, and what was unavailable."""
+
+    predictions: list[Prediction]
+    degraded: list[str]
+
+
+class Cascade:
+    """Runs the engine on a batch and re-classifies its unsure predictions with keywords."""
+
+    def __init__(
+        self, engine: Engine | None, keyword: KeywordEngine, thresholds: Thresholds,
+        unavailable: list[str] | None = None,
+    ) -> None:
+        self.engine = engine
+        # what never loaded (e.g. ["classifier"]); reported on every decision until it does
+        self.unavailable = list(unavailable or [])
+        self.keyword = keyword
+        self.thresholds = thresholds
+
+    @property
+    def version(self) -> str:
+        """Version stamped on decisions: the engine's, or the keyword tier's without one."""
+        return self.engine.version if self.engine is not None else self.keyword.version
+
+    async def classify(self, texts: list[str]) -> CascadeResult:
+        """Classify off the event loop so the consumer keeps fetching meanwhile."""
+        if not texts:
+            return CascadeResult([], [])
+        if self.engine is None:
+            return CascadeResult(await asyncio.to_thread(self.keyword.classify, texts),
+                                 self.unavailable)
+        try:
+            predictions = await asyncio.to_thread(self.engine.classify, texts)
+        except Exception as exc:  # any engine fault must degrade, never stop routing
+            log.error("engine_failed", engine=self.engine.name, error=repr(exc)[:300])
+            return CascadeResult(await asyncio.to_thread(self.keyword.classify, texts),
+                                 ["classifier"])
+        unsure = [
+            i for i, p in enumerate(predictions)
+            if p.confidence < self.thresholds.for_category(p.category)
+        ]
+        if unsure:
+            fallback = await asyncio.to_thread(self.keyword.classify, [texts[i] for i in unsure])
+            for i, kw in zip(unsure, fallback, strict=True):
+                # Keep the engine's complexity: it is learned, the keyword one is a heuristic.
+                predictions[i] = replace(kw, complexity=predictions[i].complexity,
+                                         complexity_confidence=predictions[i].complexity_confidence)
+        return CascadeResult(predictions, [])

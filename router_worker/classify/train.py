@@ -1,0 +1,310 @@
+"""Train the CPU engine's heads (and the encoder head), evaluate them and write an artifact."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from router_worker.classify.artifacts import Artifact, ArtifactMeta, Labels, write_artifact
+from router_worker.classify.cpu import (
+    ENCODER_HEAD_FILE,
+    ENCODER_ID,
+    ENGINE_NAME,
+    F32,
+    CpuEngine,
+    Features,
+    LinearHead,
+    StaticEncoder,
+    hash_dir,
+)
+from router_worker.classify.data import Record, data_hash, load_records, split_records
+from router_worker.classify.evaluate import prediction_metrics
+from router_worker.errors import ConfigError, EngineUnavailable
+from router_worker.events import CATEGORIES, COMPLEXITIES
+
+log = structlog.get_logger(__name__)
+
+# Regularisation and dense-block weight are chosen on validation only (never test or holdout).
+C_GRID = (0.3, 1.0, 3.0, 10.0, 30.0)
+DENSE_SCALE_GRID = (0.1, 0.3, 1.0)
+ENCODER_THRESHOLD = 0.5
+
+
+def progress(message: str) -> None:
+    """Progress for a person at a terminal; stderr so `--json` output stays clean."""
+    print(f"[train] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Fitted:
+    """One head's weights (dense block already divided by its scale) and its validation score."""
+
+    w_dense: F32
+    w_bag: F32 | None
+    bias: F32
+    score: float
+    params: dict[str, float]
+
+
+def _design(dense: F32, feats: Features | None, mean: F32, std: F32, scale: float) -> Any:
+    """sklearn design matrix: standardised dense block (times scale) next to the sparse bag."""
+    from scipy import sparse  # training-only dependency (ml extra)
+
+    block = (dense - mean) / std * scale
+    if feats is None:
+        return block
+    n, width = feats.n, feats.bag_width
+    rows = np.concatenate([owner for _, owner in feats.bag])
+    cols = np.concatenate([idx for idx, _ in feats.bag])
+    bag = sparse.csr_matrix((feats.bag_scale[rows], (rows, cols)), shape=(n, width))
+    return sparse.hstack([sparse.csr_matrix(block), bag], format="csr")
+
+
+def _fit_logreg(x: Any, y: npt.NDArray[np.int64], c: float, n_classes: int) -> tuple[F32, F32]:
+    """Multinomial logistic regression; returns (weights features x classes, bias)."""
+    try:
+        from sklearn.linear_model import LogisticRegression  # ml extra
+    except ImportError as exc:
+        raise EngineUnavailable(
+            "training needs scikit-learn: pip install router-worker[ml]"
+        ) from exc
+    model = LogisticRegression(C=c, max_iter=3000, tol=1e-5)
+    model.fit(x, y)
+    coef = np.asarray(model.coef_, dtype=np.float32)
+    bias = np.asarray(model.intercept_, dtype=np.float32)
+    if n_classes == 2 and coef.shape[0] == 1:
+        # Binary sklearn models keep one logit z; softmax([0, z]) is exactly sigmoid(z).
+        coef = np.vstack([np.zeros_like(coef), coef])
+        bias = np.concatenate([np.zeros(1, dtype=np.float32), bias])
+    return coef.T.copy(), bias
+
+
+def _score(p: npt.NDArray[Any], y: npt.NDArray[np.int64], n_classes: int, macro: bool) -> float:
+    predicted = p.argmax(axis=1)
+    if not macro:
+        return float((predicted == y).mean())
+    f1s = []
+    for k in range(n_classes):
+        tp = float(((predicted == k) & (y == k)).sum())
+        fp = float(((predicted == k) & (y != k)).sum())
+        fn = float(((predicted != k) & (y == k)).sum())
+        if tp + fn > 0:
+            f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return float(np.mean(f1s))
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """One split's features and label indices."""
+
+    dense: F32
+    feats: Features | None
+    y_cat: npt.NDArray[np.int64]
+    y_cx: npt.NDArray[np.int64]
+
+
+def _fit_head(
+    train: Split,
+    val: Split,
+    refit: Split,
+    mean: F32,
+    std: F32,
+    target: str,
+    n_classes: int,
+    dense_dim: int,
+) -> Fitted:
+    """Grid-search C and dense scale on validation, then refit the winner on train+validation."""
+    best: tuple[float, float, float] | None = None
+    for scale in DENSE_SCALE_GRID:
+        x_train = _design(train.dense, train.feats, mean, std, scale)
+        x_val = _design(val.dense, val.feats, mean, std, scale)
+        for c in C_GRID:
+            y = getattr(train, target)
+            w, b = _fit_logreg(x_train, y, c, n_classes)
+            p = x_val @ w + b
+            s = _score(np.asarray(p), getattr(val, target), n_classes, macro=target == "y_cat")
+            if best is None or s > best[0]:
+                best = (s, c, scale)
+        progress(f"{target}: scale={scale} best so far {best}")
+    assert best is not None
+    score, c, scale = best
+    w, b = _fit_logreg(
+        _design(refit.dense, refit.feats, mean, std, scale), getattr(refit, target), c, n_classes
+    )
+    w_dense = w[:dense_dim] * scale
+    w_bag = w[dense_dim:] if w.shape[0] > dense_dim else None
+    return Fitted(w_dense, w_bag, b, score, {"C": c, "dense_scale": scale})
+
+
+def _labels(records: Sequence[Record]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    cat = {c: i for i, c in enumerate(CATEGORIES)}
+    cx = {c: i for i, c in enumerate(COMPLEXITIES)}
+    return (
+        np.array([cat[r.category] for r in records], dtype=np.int64),
+        np.array([cx[r.complexity] for r in records], dtype=np.int64),
+    )
+
+
+def _static_split(encoder: StaticEncoder, records: Sequence[Record]) -> Split:
+    feats = encoder.features([r.prompt for r in records])
+    y_cat, y_cx = _labels(records)
+    return Split(feats.dense, feats, y_cat, y_cx)
+
+
+def _concat(a: Sequence[Record], b: Sequence[Record]) -> list[Record]:
+    return [*a, *b]
+
+
+def fit_heads(
+    train: Split, val: Split, refit: Split, dense_dim: int
+) -> tuple[LinearHead, dict[str, Any]]:
+    """Fit category and complexity heads and fuse them into one LinearHead."""
+    mean = refit.dense.mean(axis=0).astype(np.float32)
+    std = (refit.dense.std(axis=0) + 1e-6).astype(np.float32)
+    cat = _fit_head(train, val, refit, mean, std, "y_cat", len(CATEGORIES), dense_dim)
+    cx = _fit_head(train, val, refit, mean, std, "y_cx", len(COMPLEXITIES), dense_dim)
+    w_bag = None
+    if cat.w_bag is not None and cx.w_bag is not None:
+        w_bag = np.hstack([cat.w_bag, cx.w_bag]).astype(np.float32)
+    head = LinearHead(
+        mean=mean,
+        std=std,
+        w_dense=np.hstack([cat.w_dense, cx.w_dense]).astype(np.float32),
+        w_bag=w_bag,
+        bias=np.concatenate([cat.bias, cx.bias]).astype(np.float32),
+        n_categories=len(CATEGORIES),
+    )
+    params = {
+        "category": cat.params,
+        "complexity": cx.params,
+        "validation_selection": {"macro_f1": cat.score, "complexity_accuracy": cx.score},
+    }
+    return head, params
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """What `train` produced."""
+
+    path: Path
+    meta: ArtifactMeta
+
+
+def train(
+    data: Sequence[Path],
+    out: Path,
+    static_model: Path,
+    *,
+    holdout: Path | None = None,
+    encoder_head: bool | None = None,
+    threads: int = 2,
+    make_current: bool = True,
+) -> TrainResult:
+    """Train on `data`, evaluate on validation/test/holdout and write a new artifact."""
+    records = load_records(data)
+    if not records:
+        raise ConfigError(f"no training records under {', '.join(map(str, data))}")
+    parts = split_records(records)
+    holdout_records = load_records([holdout]) if holdout is not None and holdout.exists() else []
+    digest = data_hash(records)
+    progress(
+        f"{len(records)} records: train={len(parts['train'])} validation="
+        f"{len(parts['validation'])} test={len(parts['test'])} holdout={len(holdout_records)}"
+    )
+    encoder = StaticEncoder(static_model)
+    splits = {name: _static_split(encoder, rs) for name, rs in parts.items()}
+    refit = _static_split(encoder, _concat(parts["train"], parts["validation"]))
+    progress("fitting static heads")
+    head, params = fit_heads(splits["train"], splits["validation"], refit, encoder.dim + 3)
+    version = f"{ENGINE_NAME}-{datetime.now(UTC):%Y%m%d%H%M%S}-{digest[:8]}"
+    meta = ArtifactMeta(
+        version=version,
+        engine=ENGINE_NAME,
+        labels=Labels(categories=list(CATEGORIES), complexities=list(COMPLEXITIES)),
+        encoder_id=ENCODER_ID,
+        static_model_hash=hash_dir(static_model),
+        training_data_hash=digest,
+        created_at=datetime.now(UTC).isoformat(),
+        params={**params, "encoder_threshold": ENCODER_THRESHOLD},
+    )
+    arrays = head.to_arrays("")
+    engine = CpuEngine(Artifact(out / version, meta, arrays), encoder)
+    eval_sets = {
+        "validation": parts["validation"],
+        "test": parts["test"],
+        "holdout": holdout_records,
+    }
+    metrics: dict[str, Any] = {
+        name: _summary(prediction_metrics(rs, engine.classify([r.prompt for r in rs])))
+        for name, rs in eval_sets.items()
+        if rs
+    }
+    metrics["counts"] = {name: len(rs) for name, rs in parts.items()}
+    metrics["counts"]["holdout"] = len(holdout_records)
+    extra: dict[str, dict[str, npt.NDArray[Any]]] = {}
+    if encoder_head is not False:
+        encoder_arrays, encoder_metrics = _maybe_encoder_head(
+            parts, holdout_records, threads, required=encoder_head is True
+        )
+        if encoder_arrays is not None:
+            extra[ENCODER_HEAD_FILE] = encoder_arrays
+            metrics["encoder"] = encoder_metrics
+    meta = meta.model_copy(update={"metrics": metrics})
+    path = write_artifact(out, meta, arrays, extra=extra, make_current=make_current)
+    return TrainResult(path=path, meta=meta)
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    keep = ("n", "accuracy", "macro_f1", "complexity_accuracy", "per_class")
+    return {k: metrics[k] for k in keep if k in metrics}
+
+
+def _maybe_encoder_head(
+    parts: Mapping[str, list[Record]], holdout: list[Record], threads: int, *, required: bool
+) -> tuple[dict[str, npt.NDArray[Any]] | None, dict[str, Any]]:
+    """Fit the second-stage head on full MiniLM embeddings, if sentence-transformers is here."""
+    from router_worker.classify.encoder import sentence_transformer_embedder, text_stats
+
+    try:
+        embed = sentence_transformer_embedder(threads=threads)
+    except EngineUnavailable:
+        if required:
+            raise
+        progress("sentence-transformers missing: skipping the encoder head")
+        return None, {}
+    progress("embedding all splits with the full MiniLM encoder (second stage)")
+
+    def split(rs: Sequence[Record]) -> Split:
+        texts = [r.prompt for r in rs]
+        dense = np.hstack([embed(texts), text_stats(texts)]).astype(np.float32)
+        y_cat, y_cx = _labels(rs)
+        return Split(dense, None, y_cat, y_cx)
+
+    train_s, val_s = split(parts["train"]), split(parts["validation"])
+    refit = Split(
+        np.vstack([train_s.dense, val_s.dense]),
+        None,
+        np.concatenate([train_s.y_cat, val_s.y_cat]),
+        np.concatenate([train_s.y_cx, val_s.y_cx]),
+    )
+    head, params = fit_heads(train_s, val_s, refit, refit.dense.shape[1])
+    metrics: dict[str, Any] = {"params": params}
+    for name, rs in (("test", parts["test"]), ("holdout", holdout)):
+        if rs:
+            s = split(rs)
+            p_cat, p_cx = head.probabilities(s.dense)
+            metrics[name] = {
+                "n": len(rs),
+                "accuracy": float((p_cat.argmax(1) == s.y_cat).mean()),
+                "macro_f1": _score(p_cat, s.y_cat, len(CATEGORIES), macro=True),
+                "complexity_accuracy": float((p_cx.argmax(1) == s.y_cx).mean()),
+            }
+    return head.to_arrays(""), metrics

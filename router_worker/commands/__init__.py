@@ -1,0 +1,1 @@
+"""CLI commands added to the Faust command group."""

@@ -1,0 +1,124 @@
+"""Stage 4: category x complexity -> policy -> eligible models -> one decision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from router_worker.classify.engine import Prediction
+from router_worker.config import ModelSpec, RoutingConfig, TenantSpec
+from router_worker.errors import ErrorCode, RequestRejected
+from router_worker.events import Constraints, RoutingRequested
+
+MAX_FALLBACKS = 4
+TOP_ALTERNATIVES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Everything besides the request that a decision depends on."""
+
+    tenant: TenantSpec
+    unhealthy: frozenset[str] = frozenset()
+    session_model: str | None = None
+
+
+def _exclusion(
+    name: str, spec: ModelSpec, constraints: Constraints, ctx: Context, config: RoutingConfig,
+    input_tokens: int, output_tokens: int,
+) -> str | None:
+    """Why `name` cannot serve this request, or None when it can."""
+    tenant = ctx.tenant
+    if tenant.allowed_models is not None and name not in tenant.allowed_models:
+        return "not allowed for tenant"
+    if name in tenant.denied_models:
+        return "denied for tenant"
+    if constraints.allowed_models is not None and name not in constraints.allowed_models:
+        return "not in allowed_models"
+    if name in constraints.denied_models:
+        return "in denied_models"
+    missing = set(constraints.required_capabilities) - spec.capabilities
+    if missing:
+        return f"lacks {','.join(sorted(missing))}"
+    if input_tokens + output_tokens > spec.context_window:
+        return "context window too small"
+    if constraints.max_cost_usd is not None and spec.cost(input_tokens, output_tokens) > (
+        constraints.max_cost_usd
+    ):
+        return "over max_cost_usd"
+    if constraints.max_latency_ms is not None and config.latency_classes[spec.latency_class] > (
+        constraints.max_latency_ms
+    ):
+        return "too slow for max_latency_ms"
+    if name in ctx.unhealthy:
+        return "unhealthy"
+    return None
+
+
+def choose_policy(category: str, complexity: str, tenant: TenantSpec, config: RoutingConfig) -> str:
+    """The tenant's fixed policy, else the routing table's cell."""
+    return tenant.policy or config.routing[category][complexity]
+
+
+def candidate_order(policy: str, config: RoutingConfig) -> list[str]:
+    """The policy's models, then the fallback policy's, without repeats."""
+    order = list(config.policies[policy].models)
+    order += [m for m in config.policies[config.fallback_policy].models if m not in order]
+    return order
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The policy engine's answer before it is wrapped in an event."""
+
+    model: str
+    provider: str
+    policy: str
+    fallbacks: list[str]
+    alternatives: list[tuple[str, float]]
+    reason: str
+    estimated_cost_usd: float
+    skipped: list[tuple[str, str]]
+
+
+def decide(
+    request: RoutingRequested, prediction: Prediction, ctx: Context, config: RoutingConfig,
+    text_chars: int,
+) -> Choice:
+    """Pick the model and fallback chain; raises RequestRejected(no_eligible_model)."""
+    category = prediction.category
+    policy = choose_policy(category, prediction.complexity, ctx.tenant, config)
+    input_tokens = int(text_chars / config.estimates.chars_per_token) + 1
+    output_tokens = config.estimates.output_tokens.get(prediction.complexity, 500)
+    order = candidate_order(policy, config)
+    eligible: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for name in order:
+        why = _exclusion(name, config.models[name], request.constraints, ctx, config,
+                         input_tokens, output_tokens)
+        if why is None:
+            eligible.append(name)
+        else:
+            skipped.append((name, why))
+    if not eligible:
+        detail = "; ".join(f"{m}: {why}" for m, why in skipped)
+        raise RequestRejected(ErrorCode.NO_ELIGIBLE_MODEL, f"policy {policy}: {detail}")
+    pinned = ctx.session_model in eligible
+    if pinned and ctx.session_model is not None:
+        eligible.remove(ctx.session_model)
+        eligible.insert(0, ctx.session_model)
+    model = eligible[0]
+    # Scores reflect the policy's preference order, scaled by how sure the classifier was.
+    alternatives = [
+        (name, round(prediction.confidence * (1.0 - (rank + 1) / (len(order) + 1)), 4))
+        for rank, name in enumerate(eligible[1:1 + TOP_ALTERNATIVES])
+    ]
+    spec = config.models[model]
+    reason = (f"{category}/{prediction.complexity} -> policy {policy}; "
+              + ("session affinity; " if pinned else "")
+              + (f"skipped {', '.join(f'{m} ({w})' for m, w in skipped)}" if skipped
+                 else "first choice eligible"))
+    return Choice(
+        model=model, provider=spec.provider, policy=policy,
+        fallbacks=eligible[1:1 + MAX_FALLBACKS], alternatives=alternatives, reason=reason,
+        estimated_cost_usd=round(spec.cost(input_tokens, output_tokens), 8), skipped=skipped,
+    )

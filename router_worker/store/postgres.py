@@ -1,0 +1,111 @@
+"""The Postgres side of the sink: events -> rows -> one idempotent batched INSERT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from router_worker.errors import DependencyUnavailable
+from router_worker.store.migrate import quote_ident
+
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("request_id", "text"), ("status", "text"), ("tenant_id", "text"), ("model", "text"),
+    ("provider", "text"), ("policy", "text"), ("category", "text"), ("complexity", "text"),
+    ("confidence", "float8"), ("tier", "text"), ("error_code", "text"),
+    ("error_detail", "text"), ("classifier_version", "text"), ("degraded", "text"),
+    ("estimated_cost_usd", "float8"), ("decision", "text"), ("timings_ms", "text"),
+    ("raw", "text"), ("created_at", "timestamptz"), ("decided_at", "timestamptz"),
+    ("source_topic", "text"), ("source_partition", "int4"), ("source_offset", "int8"),
+)
+_CASTS = {"degraded": "string_to_array({}, ',')", "decision": "{}::jsonb",
+          "timings_ms": "{}::jsonb"}
+
+
+def _insert_sql() -> str:
+    names = ", ".join(name for name, _ in COLUMNS)
+    unnest = ", ".join(f"${i}::{kind}[]" for i, (_, kind) in enumerate(COLUMNS, start=1))
+    select = ", ".join(_CASTS.get(name, "{}").format(f"u.{name}") for name, _ in COLUMNS)
+    # ON CONFLICT makes redelivered events (at-least-once) land exactly once.
+    return (f"INSERT INTO routing_events ({names}) SELECT {select} "
+            f"FROM unnest({unnest}) AS u({names}) ON CONFLICT (request_id) DO NOTHING")
+
+
+INSERT_SQL = _insert_sql()
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where an event came from, kept on its row for tracing."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+def _ts(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
+def row_from_event(status: str, event: dict[str, Any], source: Source) -> tuple[Any, ...]:
+    """One `routing_events` row from a completed or failed event (already parsed JSON)."""
+    decision = event.get("decision") or {}
+    completed = status == "completed"
+    return (
+        str(event["request_id"]), status, event.get("tenant_id"),
+        decision.get("model"), decision.get("provider"), decision.get("policy"),
+        decision.get("category"), decision.get("complexity"), decision.get("confidence"),
+        decision.get("tier"), event.get("error_code"), event.get("error_detail"),
+        event.get("classifier_version"), ",".join(event.get("degraded") or []),
+        decision.get("estimated_cost_usd"),
+        orjson.dumps(decision).decode() if completed else None,
+        orjson.dumps(event.get("timings_ms")).decode() if completed else None,
+        event.get("raw"), _ts(event.get("created_at")),
+        _ts(event.get("decided_at" if completed else "failed_at")),
+        source.topic, source.partition, source.offset,
+    )
+
+
+class EventWriter:
+    """Owns an asyncpg pool; `write` makes a batch of rows durable in one statement."""
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self._dsn = dsn
+        self._schema = schema
+        self._pool: asyncpg.Pool | None = None
+
+    async def start(self) -> None:
+        """Open the pool (search_path set to the router's schema)."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=2, timeout=10,
+                server_settings={"search_path": quote_ident(self._schema)},
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise DependencyUnavailable(f"cannot connect to Postgres: {exc}") from exc
+
+    async def stop(self) -> None:
+        """Close the pool."""
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def write(self, rows: list[tuple[Any, ...]]) -> int:
+        """Insert rows; duplicates of existing request_ids are ignored. Returns rows inserted."""
+        if not rows:
+            return 0
+        if self._pool is None:
+            await self.start()
+        assert self._pool is not None
+        # Within one batch a redelivered duplicate would make ON CONFLICT fail ("cannot affect
+        # row a second time"), so keep the first occurrence of each request_id.
+        unique = list({row[0]: row for row in reversed(rows)}.values())
+        columns = [list(col) for col in zip(*unique, strict=True)]
+        try:
+            status = await self._pool.execute(INSERT_SQL, *columns)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise DependencyUnavailable(f"Postgres write failed: {exc}") from exc
+        return int(status.rsplit(" ", 1)[-1])
