@@ -21,13 +21,17 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# build-essential only for sdists without a wheel for this platform; it stays in this stage.
+# build-essential only for sdists without a wheel for this platform; it stays in this stage,
+# so tracking Debian's security updates matters more than pinning its version.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential \
  && rm -rf /var/lib/apt/lists/*
 
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+# Build tooling only (not in the runtime image); current releases are what we want here.
+# hadolint ignore=DL3013
 RUN pip install --upgrade pip setuptools wheel
 
 WORKDIR /src
@@ -37,6 +41,8 @@ COPY router_worker/ router_worker/
 
 # The CPU index is only offered when vLLM is not wanted: "+cpu" local versions sort above the
 # PyPI (CUDA) build, so with it vLLM would get a torch without CUDA.
+# Versions come from pyproject.toml's ranges (and the torch pin above).
+# hadolint ignore=DL3013
 RUN set -eu; \
     case ",${EXTRAS}," in \
       *,gpu,*) ;; \
@@ -76,11 +82,12 @@ RUN ln -s /app/topics "$(python -c 'import sysconfig; print(sysconfig.get_paths(
  && mkdir -p /app/models /app/artifacts /app/router-worker-data \
  && chown -R router:router /app
 
-USER router:router
+USER ${UID}:${UID}
 EXPOSE 6066
 
+# Liveness only: readiness (/readyz) depends on Kafka assignment and is the orchestrator's call.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
-  CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('ROUTER_WEB_PORT', '6066'), timeout=2)" || exit 1
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('ROUTER_WEB_PORT', '6066'), timeout=2)"]
 
 ENTRYPOINT ["router-worker"]
 CMD ["worker", "--web-port", "6066"]

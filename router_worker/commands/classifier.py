@@ -127,8 +127,8 @@ def _eval_records(data: str) -> list[Record]:
     if data == "holdout":
         return load_records([DEFAULT_HOLDOUT])
     if data in _SPLIT_WORDS:
-        parts: dict[str, list[Record]] = dict(split_records(load_records([DEFAULT_CORPUS])))
-        return parts[data]
+        parts = split_records(load_records([DEFAULT_CORPUS]))
+        return next(records for name, records in parts.items() if name == data)
     return load_records([Path(data)])
 
 

@@ -1,0 +1,34 @@
+"""The keyword/fuzzy tier: batch contract, typo tolerance, fallback to default."""
+
+from __future__ import annotations
+
+from router_worker.classify.keyword import KeywordEngine, estimate_complexity
+from router_worker.events import Tier
+
+ENGINE = KeywordEngine({"code": ["python", "stack trace"], "ops": ["kubernetes"],
+                        "chat": ["hello"]})
+
+
+def test_batch_in_batch_out_keeps_order() -> None:
+    texts = ["hello friend", "python list sorting", "kubernetes node drained"]
+    assert [p.category for p in ENGINE.classify(texts)] == ["chat", "code", "ops"]
+    assert ENGINE.classify([]) == []
+
+
+def test_typo_is_matched_by_the_fuzzy_tier() -> None:
+    [prediction] = ENGINE.classify(["my kubernetse cluster is down"])
+    assert prediction.category == "ops"
+    assert prediction.tier is Tier.FUZZY
+
+
+def test_no_match_falls_back_to_default_category() -> None:
+    [prediction] = ENGINE.classify(["zzz qqq"])
+    assert prediction.category == "chat"
+    assert prediction.tier is Tier.DEFAULT
+    assert abs(sum(prediction.scores.values()) - 1.0) < 1e-6
+
+
+def test_long_structured_prompts_are_complex() -> None:
+    assert estimate_complexity("hi")[0] == "simple"
+    long = "Please design a detailed architecture.\n1. ingest\n2. store\n3. serve\n" + "word " * 80
+    assert estimate_complexity(long)[0] == "complex"
