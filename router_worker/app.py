@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from functools import lru_cache
 from typing import Any
 
@@ -14,6 +15,7 @@ from router_worker import topics
 from router_worker.agents.route import Outgoing
 from router_worker.agents.runtime import RouteRuntime, inbound_from_event
 from router_worker.agents.sink import SinkAgent
+from router_worker.faust_tuning import set_fetch_max_wait
 from router_worker.kafka import ssl_context
 from router_worker.logs import configure_logging
 from router_worker.metrics import Metrics, create_metrics
@@ -72,30 +74,41 @@ def faust_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-async def send_all(app: faust.App, outgoing: list[Outgoing], stop: asyncio.Event | None) -> None:
-    """Produce a batch at once and wait for every acknowledgement; retry the batch on broker
-    errors (duplicates are fine: the sink is idempotent), never skip it."""
+async def enqueue(app: faust.App, outgoing: list[Outgoing]) -> list[asyncio.Future[Any]]:
+    """Hand a whole batch to the producer at once; one future per record."""
+    return [await app.producer.send(o.topic, o.key, o.value, None, None, o.headers)
+            for o in outgoing]
+
+
+async def deliver(app: faust.App, outgoing: list[Outgoing],
+                  futures: list[asyncio.Future[Any]] | None = None) -> None:
+    """Wait until the broker acknowledged every record; on failure resend the whole batch with
+    backoff (duplicates are fine: the sink is idempotent), never skip it."""
     delay = 0.1
     while True:
         try:
-            futures = [
-                await app.producer.send(o.topic, o.key, o.value, None, None, o.headers)
-                for o in outgoing
-            ]
-            await asyncio.gather(*futures)
+            await asyncio.gather(*(futures if futures is not None else await enqueue(app, outgoing)))
             return
         except Exception as exc:  # any produce failure: back off and resend the whole batch
             log.error("produce_failed", records=len(outgoing), retry_in_s=delay,
                       error=repr(exc)[:300])
-            if stop is not None and stop.is_set():
-                raise
+            futures = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, _PRODUCE_BACKOFF_MAX_S)
+
+
+async def confirm(app: faust.App, stream: Any, events: list[Any], outgoing: list[Outgoing],
+                  futures: list[asyncio.Future[Any]]) -> None:
+    """Acknowledge a batch's input offsets only once its outputs are durable on the broker."""
+    await deliver(app, outgoing, futures)
+    for event in events:
+        await stream.ack(event)
 
 
 def create_app(settings: Settings) -> faust.App:
     """A Faust app wired with the route agent and, unless disabled, the sink."""
     configure_logging(settings)
+    set_fetch_max_wait(settings.fetch_max_wait_ms)
     app = faust.App(settings.app_id, **faust_options(settings))
     metrics = create_metrics()
     app.router_metrics = metrics
@@ -108,17 +121,26 @@ def create_app(settings: Settings) -> faust.App:
     async def route(stream: Any) -> None:
         runtime = await RouteRuntime.start(settings, metrics)
         state["runtime"] = runtime
+        # Batches awaiting broker acknowledgement; the next batch is routed meanwhile. Faust
+        # commits only offsets below the first unacknowledged one, so acks may finish in any
+        # order without committing past an output that is not durable yet.
+        inflight: deque[asyncio.Task[None]] = deque()
         try:
             async for events in stream.noack_take(settings.max_batch,
                                                   within=settings.max_wait_ms / 1000):
                 runtime.maybe_reload()
                 batch = [inbound_from_event(e) for e in events]
                 outgoing = await runtime.route(batch)
-                await send_all(app, outgoing, None)
-                # Acknowledge only now: the offsets Faust commits never run ahead of outputs.
-                for event in events:
-                    await stream.ack(event)
+                futures = await enqueue(app, outgoing)
+                inflight.append(asyncio.ensure_future(
+                    confirm(app, stream, list(events), outgoing, futures)))
+                while inflight and (inflight[0].done()
+                                    or len(inflight) > settings.max_inflight_batches):
+                    await inflight.popleft()
         finally:
+            # Drain on shutdown: what is acknowledged by then is committed; the rest is
+            # re-read after restart (at-least-once), never skipped.
+            await asyncio.gather(*inflight, return_exceptions=True)
             state["runtime"] = None
             await runtime.stop()
 

@@ -11,6 +11,8 @@ _COMMAND_MODULES = (
     "router_worker.commands.admin",
     "router_worker.commands.request",
     "router_worker.commands.run",
+    "router_worker.commands.bench",
+    "router_worker.commands.sink",
     "router_worker.commands.classifier",
 )
 

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from router_worker import topics
 from router_worker.errors import RouterError
 from router_worker.events import utcnow
-from router_worker.kafka import client_options, producer_options
+from router_worker.kafka import consumer_options, producer_options
 from router_worker.settings import Settings
 
 
@@ -46,7 +46,7 @@ class RoutingClient:
         self._completed = settings.topic(topics.COMPLETED)
         self._failed = settings.topic(topics.FAILED)
         self._producer = AIOKafkaProducer(**producer_options(settings))
-        self._consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False,
+        self._consumer = AIOKafkaConsumer(**consumer_options(settings), enable_auto_commit=False,
                                           group_id=None, auto_offset_reset="latest")
         self._waiters: dict[str, asyncio.Future[Reply]] = {}
         self._reader: asyncio.Task[None] | None = None

@@ -35,6 +35,11 @@ def client_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def consumer_options(settings: Settings) -> dict[str, Any]:
+    """Consumer options: the shared ones plus a short fetch wait (see `fetch_max_wait_ms`)."""
+    return {**client_options(settings), "fetch_max_wait_ms": settings.fetch_max_wait_ms}
+
+
 def producer_options(settings: Settings) -> dict[str, Any]:
     """Producer options: acks from all replicas, no idempotence (the embedded broker lacks
     InitProducerId; at-least-once plus the idempotent sink gives effectively-once)."""

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     )
     heartbeat_interval_s: float = Field(0.5, gt=0, description="consumer heartbeat interval")
     commit_interval_s: float = Field(0.5, gt=0, description="how often acked offsets are committed")
+    fetch_max_wait_ms: int = Field(
+        10, ge=0, description="longest a fetch waits for data; the embedded broker does not wake "
+        "waiting fetches when data arrives, so this bounds queue latency there"
+    )
+    max_inflight_batches: int = Field(
+        4, ge=1, description="batches routed ahead while earlier ones await broker acknowledgement"
+    )
 
     # --- routing -----------------------------------------------------------------------------
     config: Path = Field(DEFAULT_CONFIG, description="path of the YAML routing config")

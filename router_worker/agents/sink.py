@@ -13,7 +13,7 @@ from mode import Service
 
 from router_worker import topics
 from router_worker.errors import DependencyUnavailable
-from router_worker.kafka import client_options
+from router_worker.kafka import consumer_options
 from router_worker.metrics import Metrics
 from router_worker.settings import Settings
 from router_worker.store.postgres import EventWriter, Source, row_from_event
@@ -56,7 +56,7 @@ class SinkAgent(Service):  # type: ignore[misc]  # mode ships no type informatio
 
     async def on_start(self) -> None:
         self.consumer = AIOKafkaConsumer(
-            *self.status_of, **client_options(self.settings),
+            *self.status_of, **consumer_options(self.settings),
             group_id=self.settings.sink_group, enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=int(self.settings.session_timeout_s * 1000),

@@ -16,8 +16,9 @@ from router_worker.settings import Settings
 
 # Matching cost grows with text length; intent is almost always stated early.
 _MAX_CHARS = 1500
-_FUZZY_CUTOFF = 88.0
-_EXACT = 100.0
+_FUZZY_CUTOFF = 85.0
+_MIN_FUZZY_LEN = 5
+_WORD = re.compile(r"[^\W\d_]{5,}")
 _COMPLEX_WORDS = re.compile(
     r"\b(step[- ]by[- ]step|in detail|detailed|comprehensive|compare|design|architect\w*|prove|"
     r"derive|analy[sz]e|trade-?offs?|optimi[sz]e|multi-?step|production|scalab\w*|"
@@ -39,22 +40,25 @@ def estimate_complexity(text: str) -> tuple[str, float]:
 
 
 class KeywordEngine:
-    """Fuzzy phrase matching over per-category phrase lists from the routing config."""
+    """Phrase matching over per-category phrase lists from the routing config: exact phrases
+    through one compiled regex, typos through fuzzy matching of the batch's distinct words."""
 
     name = "keyword"
 
     def __init__(self, phrases: Mapping[str, Sequence[str]], default_category: str = "chat") -> None:
-        self._phrases: list[str] = []
-        owners: list[int] = []
+        self._owner: dict[str, np.ndarray] = {}
         for index, category in enumerate(CATEGORIES):
             for phrase in phrases.get(category, ()):
-                self._phrases.append(phrase.lower())
-                owners.append(index)
-        # owner matrix: phrase -> category one-hot, so scores aggregate with one matmul.
-        self._owner = np.zeros((len(self._phrases), len(CATEGORIES)), dtype=np.float32)
-        self._owner[np.arange(len(owners)), owners] = 1.0
+                vector = self._owner.setdefault(phrase.lower(), np.zeros(len(CATEGORIES)))
+                vector[index] = 1.0
+        ordered = sorted(self._owner, key=len, reverse=True)  # longest phrase wins the match
+        self._exact = re.compile(
+            r"(?<!\w)(" + "|".join(re.escape(p) for p in ordered) + r")(?!\w)"
+        ) if ordered else None
+        # Typos are only plausible in longer single words ("kubernetse"); short ones collide.
+        self._words = [p for p in ordered if " " not in p and len(p) >= _MIN_FUZZY_LEN]
         self._default = default_category
-        digest = hashlib.sha256("\n".join(self._phrases).encode()).hexdigest()[:8]
+        digest = hashlib.sha256("\n".join(sorted(self._owner)).encode()).hexdigest()[:8]
         self._version = f"keyword-{digest}"
 
     @property
@@ -63,36 +67,53 @@ class KeywordEngine:
         return self._version
 
     def classify(self, texts: list[str]) -> list[Prediction]:
-        """Score every text against every phrase at once; best category wins."""
+        """Exact hits per text, plus one fuzzy pass over the distinct words of the batch."""
         if not texts:
             return []
         clipped = [t[:_MAX_CHARS].lower() for t in texts]
-        if not self._phrases:
-            return [self._fallback(t) for t in texts]
-        sim = process.cdist(
-            clipped, self._phrases, scorer=fuzz.partial_ratio, score_cutoff=_FUZZY_CUTOFF,
-            dtype=np.uint8, workers=1,
-        ).astype(np.float32)
-        exact = (sim >= _EXACT).astype(np.float32) @ self._owner
-        weighted = (sim / 100.0) @ self._owner
-        return [self._predict(texts[i], weighted[i], exact[i]) for i in range(len(texts))]
+        exact = [self._exact.findall(t) if self._exact else [] for t in clipped]
+        fuzzy = self._fuzzy_words(clipped)
+        return [self._predict(texts[i], exact[i], clipped[i], fuzzy)
+                for i in range(len(texts))]
 
-    def _predict(self, text: str, weighted: np.ndarray, exact: np.ndarray) -> Prediction:
-        if not weighted.any():
+    def _fuzzy_words(self, clipped: list[str]) -> dict[str, str]:
+        """Distinct words of the batch that are near-misses of a phrase word -> that phrase."""
+        if not self._words:
+            return {}
+        vocab = sorted({w for t in clipped for w in _WORD.findall(t)
+                        if len(w) >= _MIN_FUZZY_LEN and w not in self._owner})
+        if not vocab:
+            return {}
+        sim = process.cdist(vocab, self._words, scorer=fuzz.ratio, score_cutoff=_FUZZY_CUTOFF,
+                            dtype=np.uint8, workers=1)
+        rows, cols = np.nonzero(sim)
+        return {vocab[r]: self._words[c] for r, c in zip(rows.tolist(), cols.tolist(), strict=True)}
+
+    def _predict(self, text: str, exact: list[str], clipped: str,
+                 fuzzy: dict[str, str]) -> Prediction:
+        exact_votes = np.zeros(len(CATEGORIES))
+        for phrase in exact:
+            exact_votes += self._owner[phrase]
+        fuzzy_votes = np.zeros(len(CATEGORIES))
+        if fuzzy:
+            for word in _WORD.findall(clipped):
+                phrase = fuzzy.get(word)
+                if phrase is not None:
+                    fuzzy_votes += self._owner[phrase]
+        # Exact hits count double so a clean match beats a near-miss.
+        total = 2 * exact_votes + fuzzy_votes
+        if not total.any():
             return self._fallback(text)
-        # Exact hits count double so a clean match beats several near-misses.
-        total = weighted + exact
         best = int(total.argmax())
         probs = total / total.sum()
         complexity, complexity_conf = estimate_complexity(text)
-        confidence = float(min(0.4 + 0.6 * probs[best], 0.95))
         return Prediction(
             category=CATEGORIES[best],
             complexity=complexity,
-            confidence=confidence,
+            confidence=float(min(0.4 + 0.6 * probs[best], 0.95)),
             scores={c: float(p) for c, p in zip(CATEGORIES, probs, strict=True)},
             complexity_confidence=complexity_conf,
-            tier=Tier.KEYWORD if exact[best] > 0 else Tier.FUZZY,
+            tier=Tier.KEYWORD if exact_votes[best] > 0 else Tier.FUZZY,
         )
 
     def _fallback(self, text: str) -> Prediction:

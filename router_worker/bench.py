@@ -1,0 +1,318 @@
+"""`router-worker bench`: pipeline vs bare aiokafka passthrough, latency at an offered rate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from router_worker import topics
+from router_worker.commands.admin import apply_topics
+from router_worker.embedded import EmbeddedStack, free_port, resolve_stack
+from router_worker.kafka import consumer_options, producer_options
+from router_worker.settings import Settings
+from router_worker.store.migrate import migrate, quote_ident
+
+CORPUS = Path("data") / "prompts"
+FALLBACK_PROMPTS = [
+    "Write a Python function that merges two sorted lists.",
+    "hi! how's it going?",
+    "kubectl shows CrashLoopBackOff for my pod after the deploy, why?",
+    "What is the derivative of x^3 ln x?",
+    "Summarize: the board agreed to delay the launch by two weeks due to supplier issues.",
+]
+
+
+def load_prompts(limit: int = 5000) -> list[str]:
+    """Realistic prompts: the corpus when present, else a few built-in ones."""
+    prompts: list[str] = []
+    for path in sorted(CORPUS.glob("*.jsonl")):
+        for line in path.read_bytes().splitlines():
+            if line.strip():
+                prompts.append(str(orjson.loads(line)["prompt"]))
+    random.Random(11).shuffle(prompts)
+    return prompts[:limit] or FALLBACK_PROMPTS
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
+    return round(ordered[index], 3)
+
+
+@dataclass
+class OutputWatcher:
+    """Reads an output topic from the start and timestamps each new request_id's arrival."""
+
+    settings: Settings
+    topic_names: list[str]
+    arrivals: dict[str, float] = field(default_factory=dict)
+    _task: asyncio.Task[None] | None = None
+    _consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> None:
+        consumer = AIOKafkaConsumer(**consumer_options(self.settings), group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        await consumer.topics()
+        parts = [TopicPartition(t, p) for t in self.topic_names
+                 for p in sorted(consumer.partitions_for_topic(t) or ())]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        self._consumer = consumer
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=50, max_records=10000)
+            now = time.monotonic()
+            for records in batches.values():
+                for record in records:
+                    key = (record.key or b"").decode()
+                    self.arrivals.setdefault(key, now)
+
+    async def wait_for(self, n: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while len(self.arrivals) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return len(self.arrivals) >= n
+
+    def rate(self) -> float:
+        times = sorted(self.arrivals.values())
+        if len(times) < 2:
+            return 0.0
+        return round(len(times) / max(times[-1] - times[0], 1e-6), 1)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+async def preload(settings: Settings, prompts: list[str], n: int, tag: str) -> list[str]:
+    """Publish n requests to the requested topic before anything consumes them."""
+    producer = AIOKafkaProducer(**{**producer_options(settings), "linger_ms": 5})
+    await producer.start()
+    ids = [f"{tag}-{i}" for i in range(n)]
+    try:
+        futures = []
+        for i, rid in enumerate(ids):
+            body = {"request_id": rid, "tenant_id": "bench", "prompt": prompts[i % len(prompts)]}
+            futures.append(await producer.send(settings.topic(topics.REQUESTED),
+                                               orjson.dumps(body), key=rid.encode()))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return ids
+
+
+async def passthrough(settings: Settings, n: int, timeout: float) -> float:
+    """Bare aiokafka consume -> produce -> commit on the same topics: the physical limit."""
+    out_topic = settings.topic(topics.COMPLETED)
+    watcher = OutputWatcher(settings, [out_topic])
+    await watcher.start()
+    consumer = AIOKafkaConsumer(
+        settings.topic(topics.REQUESTED), **consumer_options(settings),
+        group_id=f"{settings.app_id}-passthrough", enable_auto_commit=False,
+        auto_offset_reset="earliest", session_timeout_ms=2000, heartbeat_interval_ms=500,
+        max_poll_records=1000,
+    )
+    producer = AIOKafkaProducer(**producer_options(settings))
+    await asyncio.gather(consumer.start(), producer.start())
+    try:
+        seen = 0
+        deadline = time.monotonic() + timeout
+        while seen < n and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=100, max_records=1000)
+            futures = [await producer.send(out_topic, r.value, key=r.key)
+                       for records in batches.values() for r in records]
+            await asyncio.gather(*futures)
+            if batches:
+                await consumer.commit({tp: recs[-1].offset + 1 for tp, recs in batches.items()})
+            seen += len(futures)
+        await watcher.wait_for(n, 10)
+        return watcher.rate()
+    finally:
+        await asyncio.gather(consumer.stop(), producer.stop())
+        await watcher.stop()
+
+
+def worker_env(settings_env: dict[str, str], engine: str) -> dict[str, str]:
+    return {**os.environ, **settings_env, "ROUTER_ENGINE": engine, "ROUTER_LOG_LEVEL": "warning",
+            "ROUTER_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process in MiB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+async def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("worker exited during start-up")
+            try:
+                if (await client.get(f"http://127.0.0.1:{port}/readyz", timeout=1)).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError("worker not ready")
+
+
+async def offered_load(settings: Settings, prompts: list[str], rate: float, seconds: float,
+                       watcher: OutputWatcher) -> list[float]:
+    """Publish at `rate` req/s for `seconds`; end-to-end latency (ms) of each request."""
+    producer = AIOKafkaProducer(**{**producer_options(settings), "linger_ms": 0})
+    await producer.start()
+    sent: dict[str, float] = {}
+    try:
+        total = int(rate * seconds)
+        start = time.monotonic()
+        tick = 0.005  # publish in small slices so the offered rate is smooth
+        i = 0
+        while i < total:
+            due = min(total, int((time.monotonic() - start) * rate) + 1)
+            futures = []
+            while i < due:
+                rid = f"lat-{uuid.uuid4().hex[:12]}"
+                body = {"request_id": rid, "tenant_id": "bench",
+                        "prompt": prompts[i % len(prompts)]}
+                sent[rid] = time.monotonic()
+                futures.append(await producer.send(settings.topic(topics.REQUESTED),
+                                                   orjson.dumps(body), key=rid.encode()))
+                i += 1
+            await asyncio.gather(*futures)
+            await asyncio.sleep(tick)
+        await watcher.wait_for(len(watcher.arrivals) + 0, 0)
+        deadline = time.monotonic() + 30
+        while any(r not in watcher.arrivals for r in sent) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await producer.stop()
+    return [(watcher.arrivals[r] - t) * 1000 for r, t in sent.items() if r in watcher.arrivals]
+
+
+async def count_rows(dsn: str, schema: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(f"SELECT count(*) FROM {quote_ident(schema)}.routing_events"))
+    finally:
+        await conn.close()
+
+
+def settings_for(env: dict[str, str]) -> Settings:
+    return Settings.model_validate(
+        {k.removeprefix("ROUTER_").lower(): v for k, v in env.items() if k.startswith("ROUTER_")})
+
+
+async def run_bench(requests: int, rate: float, engine: str, bootstrap: str | None,
+                    run_dir: Path, latency_seconds: float, separate_sink: bool = True,
+                    ) -> dict[str, Any]:
+    """The whole benchmark in one run; returns the JSON object."""
+    base = {"ROUTER_REDIS_URL": os.environ.get("ROUTER_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            "ROUTER_DATABASE_URL": os.environ.get("ROUTER_DATABASE_URL",
+                                                  "postgresql://postgres@127.0.0.1:5432/postgres")}
+    if bootstrap:
+        base["ROUTER_KAFKA_BOOTSTRAP"] = bootstrap
+    plan = await resolve_stack(base, probe=True)
+    stack = EmbeddedStack(run_dir, kafka=plan.kafka, redis=plan.redis, postgres=plan.postgres)
+    urls = await stack.start()
+    tag = f"bench{uuid.uuid4().hex[:6]}"
+    prompts = load_prompts()
+    try:
+        env_pass = {**base, **urls.env(), "ROUTER_TOPIC_PREFIX": f"{tag}p.",
+                    "ROUTER_APP_ID": f"{tag}-pass"}
+        s_pass = settings_for(env_pass)
+        await apply_topics(s_pass)
+        await preload(s_pass, prompts, requests, "pass")
+        passthrough_rate = await passthrough(s_pass, requests, timeout=300)
+        print(f"passthrough: {passthrough_rate:.0f} records/s", file=sys.stderr)
+
+        env_pipe = {**base, **urls.env(), "ROUTER_TOPIC_PREFIX": f"{tag}r.",
+                    "ROUTER_APP_ID": f"{tag}-route", "ROUTER_SINK_GROUP": f"{tag}-sink",
+                    "ROUTER_DATABASE_SCHEMA": tag, "ROUTER_REDIS_PREFIX": f"{tag}:"}
+        s_pipe = settings_for(env_pipe)
+        await apply_topics(s_pipe)
+        dsn = s_pipe.database_url.get_secret_value()
+        await migrate(dsn, tag)
+        await preload(s_pipe, prompts, requests, "pipe")
+        watcher = OutputWatcher(s_pipe, [s_pipe.topic(topics.COMPLETED),
+                                         s_pipe.topic(topics.FAILED)])
+        await watcher.start()
+        port = free_port()
+        log_path = run_dir / "bench-worker.log"
+        if separate_sink:
+            env_pipe["ROUTER_RUN_SINK"] = "false"
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "router_worker", "--datadir", str(run_dir / tag),
+                 "worker", "--web-port", str(port), "-l", "warn"],
+                env=worker_env(env_pipe, engine), stdout=log, stderr=subprocess.STDOUT)
+            sink_proc = subprocess.Popen(
+                [sys.executable, "-m", "router_worker", "sink"],
+                env=worker_env(env_pipe, engine), stdout=log, stderr=subprocess.STDOUT,
+            ) if separate_sink else None
+        try:
+            await _wait_ready(port, proc, 120)
+            rss_start = rss_mb(proc.pid)
+            done = await watcher.wait_for(requests, 600)
+            pipeline_rate = watcher.rate()
+            print(f"pipeline: {pipeline_rate:.0f} requests/s (complete={done})", file=sys.stderr)
+            first_out = min(watcher.arrivals.values())
+            while await count_rows(dsn, tag) < requests and time.monotonic() - first_out < 600:
+                await asyncio.sleep(0.05)
+            sink_rate = round(requests / max(time.monotonic() - first_out, 1e-6), 1)
+            latencies = await offered_load(s_pipe, prompts, rate, latency_seconds, watcher)
+            rss_end = rss_mb(proc.pid)
+        finally:
+            for child in (proc, sink_proc):
+                if child is not None:
+                    child.terminate()
+                    child.wait(30)
+            await watcher.stop()
+            conn = await asyncpg.connect(dsn)
+            await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(tag)} CASCADE")
+            await conn.close()
+    finally:
+        await stack.stop()
+    return {
+        "passthrough_per_s": passthrough_rate,
+        "pipeline_per_s": pipeline_rate,
+        "ratio": round(pipeline_rate / passthrough_rate, 3) if passthrough_rate else None,
+        "latency_ms": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
+                       "p99": percentile(latencies, 99)},
+        "offered_rate": rate,
+        "latency_requests": len(latencies),
+        "engine": engine,
+        "requests": requests,
+        "sink_rows_per_s": sink_rate,
+        "sink": "separate process" if separate_sink else "in the worker process",
+        "rss_mb": max(rss_start, rss_end),
+        "rss_mb_start": rss_start,
+        "rss_mb_end": rss_end,
+        "cpu_count": os.cpu_count(),
+    }
