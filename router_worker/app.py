@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable
 from functools import lru_cache
 from typing import Any
 
@@ -40,7 +41,8 @@ def broker_credentials(settings: Settings) -> Any:
         return faust.SASLCredentials(
             username=settings.kafka_sasl_username,
             password=password.get_secret_value() if password else None,
-            mechanism=settings.kafka_sasl_mechanism, ssl_context=context,
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=context,
         )
     if context is not None:
         return faust.SSLCredentials(context)
@@ -74,31 +76,41 @@ def faust_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-async def enqueue(app: faust.App, outgoing: list[Outgoing]) -> list[asyncio.Future[Any]]:
+async def enqueue(app: faust.App, outgoing: list[Outgoing]) -> list[Awaitable[Any]]:
     """Hand a whole batch to the producer at once; one future per record."""
-    return [await app.producer.send(o.topic, o.key, o.value, None, None, o.headers)
-            for o in outgoing]
+    return [
+        await app.producer.send(o.topic, o.key, o.value, None, None, o.headers) for o in outgoing
+    ]
 
 
-async def deliver(app: faust.App, outgoing: list[Outgoing],
-                  futures: list[asyncio.Future[Any]] | None = None) -> None:
+async def deliver(
+    app: faust.App, outgoing: list[Outgoing], futures: list[Awaitable[Any]] | None = None
+) -> None:
     """Wait until the broker acknowledged every record; on failure resend the whole batch with
     backoff (duplicates are fine: the sink is idempotent), never skip it."""
     delay = 0.1
     while True:
         try:
-            await asyncio.gather(*(futures if futures is not None else await enqueue(app, outgoing)))
+            await asyncio.gather(
+                *(futures if futures is not None else await enqueue(app, outgoing))
+            )
             return
         except Exception as exc:  # any produce failure: back off and resend the whole batch
-            log.error("produce_failed", records=len(outgoing), retry_in_s=delay,
-                      error=repr(exc)[:300])
+            log.error(
+                "produce_failed", records=len(outgoing), retry_in_s=delay, error=repr(exc)[:300]
+            )
             futures = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, _PRODUCE_BACKOFF_MAX_S)
 
 
-async def confirm(app: faust.App, stream: Any, events: list[Any], outgoing: list[Outgoing],
-                  futures: list[asyncio.Future[Any]]) -> None:
+async def confirm(
+    app: faust.App,
+    stream: Any,
+    events: list[Any],
+    outgoing: list[Outgoing],
+    futures: list[Awaitable[Any]],
+) -> None:
     """Acknowledge a batch's input offsets only once its outputs are durable on the broker."""
     await deliver(app, outgoing, futures)
     for event in events:
@@ -111,10 +123,12 @@ def create_app(settings: Settings) -> faust.App:
     set_fetch_max_wait(settings.fetch_max_wait_ms)
     app = faust.App(settings.app_id, **faust_options(settings))
     metrics = create_metrics()
-    app.router_metrics = metrics
-    app.router_settings = settings
-    requested = app.topic(settings.topic(topics.REQUESTED), key_type=bytes, value_type=bytes,
-                          partitions=settings.topic_partitions)
+    requested = app.topic(
+        settings.topic(topics.REQUESTED),
+        key_type=bytes,
+        value_type=bytes,
+        partitions=settings.topic_partitions,
+    )
     state: dict[str, Any] = {"runtime": None}
 
     @app.agent(requested, name="route")
@@ -126,16 +140,19 @@ def create_app(settings: Settings) -> faust.App:
         # order without committing past an output that is not durable yet.
         inflight: deque[asyncio.Task[None]] = deque()
         try:
-            async for events in stream.noack_take(settings.max_batch,
-                                                  within=settings.max_wait_ms / 1000):
+            async for events in stream.noack_take(
+                settings.max_batch, within=settings.max_wait_ms / 1000
+            ):
                 runtime.maybe_reload()
                 batch = [inbound_from_event(e) for e in events]
                 outgoing = await runtime.route(batch)
                 futures = await enqueue(app, outgoing)
-                inflight.append(asyncio.ensure_future(
-                    confirm(app, stream, list(events), outgoing, futures)))
-                while inflight and (inflight[0].done()
-                                    or len(inflight) > settings.max_inflight_batches):
+                inflight.append(
+                    asyncio.ensure_future(confirm(app, stream, list(events), outgoing, futures))
+                )
+                while inflight and (
+                    inflight[0].done() or len(inflight) > settings.max_inflight_batches
+                ):
                     await inflight.popleft()
         finally:
             # Drain on shutdown: what is acknowledged by then is committed; the rest is
@@ -145,7 +162,8 @@ def create_app(settings: Settings) -> faust.App:
             await runtime.stop()
 
     if settings.run_sink:
-        app.service(SinkAgent(settings, metrics))
+        # Faust accepts a ready service instance here; its annotation only names classes.
+        app.service(SinkAgent(settings, metrics))  # type: ignore[arg-type]
     _register_pages(app, metrics, state)
     return app
 

@@ -66,12 +66,19 @@ class OutputWatcher:
     _consumer: AIOKafkaConsumer | None = None
 
     async def start(self) -> None:
-        consumer = AIOKafkaConsumer(**consumer_options(self.settings), group_id=None,
-                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        consumer = AIOKafkaConsumer(
+            **consumer_options(self.settings),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
         await consumer.start()
         await consumer.topics()
-        parts = [TopicPartition(t, p) for t in self.topic_names
-                 for p in sorted(consumer.partitions_for_topic(t) or ())]
+        parts = [
+            TopicPartition(t, p)
+            for t in self.topic_names
+            for p in sorted(consumer.partitions_for_topic(t) or ())
+        ]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         self._consumer = consumer
@@ -116,8 +123,11 @@ async def preload(settings: Settings, prompts: list[str], n: int, tag: str) -> l
         futures = []
         for i, rid in enumerate(ids):
             body = {"request_id": rid, "tenant_id": "bench", "prompt": prompts[i % len(prompts)]}
-            futures.append(await producer.send(settings.topic(topics.REQUESTED),
-                                               orjson.dumps(body), key=rid.encode()))
+            futures.append(
+                await producer.send(
+                    settings.topic(topics.REQUESTED), orjson.dumps(body), key=rid.encode()
+                )
+            )
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -130,9 +140,13 @@ async def passthrough(settings: Settings, n: int, timeout: float) -> float:
     watcher = OutputWatcher(settings, [out_topic])
     await watcher.start()
     consumer = AIOKafkaConsumer(
-        settings.topic(topics.REQUESTED), **consumer_options(settings),
-        group_id=f"{settings.app_id}-passthrough", enable_auto_commit=False,
-        auto_offset_reset="earliest", session_timeout_ms=2000, heartbeat_interval_ms=500,
+        settings.topic(topics.REQUESTED),
+        **consumer_options(settings),
+        group_id=f"{settings.app_id}-passthrough",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=500,
         max_poll_records=1000,
     )
     producer = AIOKafkaProducer(**producer_options(settings))
@@ -142,8 +156,11 @@ async def passthrough(settings: Settings, n: int, timeout: float) -> float:
         deadline = time.monotonic() + timeout
         while seen < n and time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=100, max_records=1000)
-            futures = [await producer.send(out_topic, r.value, key=r.key)
-                       for records in batches.values() for r in records]
+            futures = [
+                await producer.send(out_topic, r.value, key=r.key)
+                for records in batches.values()
+                for r in records
+            ]
             await asyncio.gather(*futures)
             if batches:
                 await consumer.commit({tp: recs[-1].offset + 1 for tp, recs in batches.items()})
@@ -156,8 +173,14 @@ async def passthrough(settings: Settings, n: int, timeout: float) -> float:
 
 
 def worker_env(settings_env: dict[str, str], engine: str) -> dict[str, str]:
-    return {**os.environ, **settings_env, "ROUTER_ENGINE": engine, "ROUTER_LOG_LEVEL": "warning",
-            "ROUTER_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        **settings_env,
+        "ROUTER_ENGINE": engine,
+        "ROUTER_LOG_LEVEL": "warning",
+        "ROUTER_LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def rss_mb(pid: int) -> float:
@@ -183,8 +206,9 @@ async def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float) 
     raise RuntimeError("worker not ready")
 
 
-async def offered_load(settings: Settings, prompts: list[str], rate: float, seconds: float,
-                       watcher: OutputWatcher) -> list[float]:
+async def offered_load(
+    settings: Settings, prompts: list[str], rate: float, seconds: float, watcher: OutputWatcher
+) -> list[float]:
     """Publish at `rate` req/s for `seconds`; end-to-end latency (ms) of each request."""
     producer = AIOKafkaProducer(**{**producer_options(settings), "linger_ms": 0})
     await producer.start()
@@ -199,11 +223,17 @@ async def offered_load(settings: Settings, prompts: list[str], rate: float, seco
             futures = []
             while i < due:
                 rid = f"lat-{uuid.uuid4().hex[:12]}"
-                body = {"request_id": rid, "tenant_id": "bench",
-                        "prompt": prompts[i % len(prompts)]}
+                body = {
+                    "request_id": rid,
+                    "tenant_id": "bench",
+                    "prompt": prompts[i % len(prompts)],
+                }
                 sent[rid] = time.monotonic()
-                futures.append(await producer.send(settings.topic(topics.REQUESTED),
-                                                   orjson.dumps(body), key=rid.encode()))
+                futures.append(
+                    await producer.send(
+                        settings.topic(topics.REQUESTED), orjson.dumps(body), key=rid.encode()
+                    )
+                )
                 i += 1
             await asyncio.gather(*futures)
             await asyncio.sleep(tick)
@@ -219,23 +249,35 @@ async def offered_load(settings: Settings, prompts: list[str], rate: float, seco
 async def count_rows(dsn: str, schema: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
-        return int(await conn.fetchval(f"SELECT count(*) FROM {quote_ident(schema)}.routing_events"))
+        return int(
+            await conn.fetchval(f"SELECT count(*) FROM {quote_ident(schema)}.routing_events")
+        )
     finally:
         await conn.close()
 
 
 def settings_for(env: dict[str, str]) -> Settings:
     return Settings.model_validate(
-        {k.removeprefix("ROUTER_").lower(): v for k, v in env.items() if k.startswith("ROUTER_")})
+        {k.removeprefix("ROUTER_").lower(): v for k, v in env.items() if k.startswith("ROUTER_")}
+    )
 
 
-async def run_bench(requests: int, rate: float, engine: str, bootstrap: str | None,
-                    run_dir: Path, latency_seconds: float, separate_sink: bool = True,
-                    ) -> dict[str, Any]:
+async def run_bench(
+    requests: int,
+    rate: float,
+    engine: str,
+    bootstrap: str | None,
+    run_dir: Path,
+    latency_seconds: float,
+    separate_sink: bool = True,
+) -> dict[str, Any]:
     """The whole benchmark in one run; returns the JSON object."""
-    base = {"ROUTER_REDIS_URL": os.environ.get("ROUTER_REDIS_URL", "redis://127.0.0.1:6379/0"),
-            "ROUTER_DATABASE_URL": os.environ.get("ROUTER_DATABASE_URL",
-                                                  "postgresql://postgres@127.0.0.1:5432/postgres")}
+    base = {
+        "ROUTER_REDIS_URL": os.environ.get("ROUTER_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "ROUTER_DATABASE_URL": os.environ.get(
+            "ROUTER_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+    }
     if bootstrap:
         base["ROUTER_KAFKA_BOOTSTRAP"] = bootstrap
     plan = await resolve_stack(base, probe=True)
@@ -244,24 +286,35 @@ async def run_bench(requests: int, rate: float, engine: str, bootstrap: str | No
     tag = f"bench{uuid.uuid4().hex[:6]}"
     prompts = load_prompts()
     try:
-        env_pass = {**base, **urls.env(), "ROUTER_TOPIC_PREFIX": f"{tag}p.",
-                    "ROUTER_APP_ID": f"{tag}-pass"}
+        env_pass = {
+            **base,
+            **urls.env(),
+            "ROUTER_TOPIC_PREFIX": f"{tag}p.",
+            "ROUTER_APP_ID": f"{tag}-pass",
+        }
         s_pass = settings_for(env_pass)
         await apply_topics(s_pass)
         await preload(s_pass, prompts, requests, "pass")
         passthrough_rate = await passthrough(s_pass, requests, timeout=300)
         print(f"passthrough: {passthrough_rate:.0f} records/s", file=sys.stderr)
 
-        env_pipe = {**base, **urls.env(), "ROUTER_TOPIC_PREFIX": f"{tag}r.",
-                    "ROUTER_APP_ID": f"{tag}-route", "ROUTER_SINK_GROUP": f"{tag}-sink",
-                    "ROUTER_DATABASE_SCHEMA": tag, "ROUTER_REDIS_PREFIX": f"{tag}:"}
+        env_pipe = {
+            **base,
+            **urls.env(),
+            "ROUTER_TOPIC_PREFIX": f"{tag}r.",
+            "ROUTER_APP_ID": f"{tag}-route",
+            "ROUTER_SINK_GROUP": f"{tag}-sink",
+            "ROUTER_DATABASE_SCHEMA": tag,
+            "ROUTER_REDIS_PREFIX": f"{tag}:",
+        }
         s_pipe = settings_for(env_pipe)
         await apply_topics(s_pipe)
         dsn = s_pipe.database_url.get_secret_value()
         await migrate(dsn, tag)
         await preload(s_pipe, prompts, requests, "pipe")
-        watcher = OutputWatcher(s_pipe, [s_pipe.topic(topics.COMPLETED),
-                                         s_pipe.topic(topics.FAILED)])
+        watcher = OutputWatcher(
+            s_pipe, [s_pipe.topic(topics.COMPLETED), s_pipe.topic(topics.FAILED)]
+        )
         await watcher.start()
         port = free_port()
         log_path = run_dir / "bench-worker.log"
@@ -269,13 +322,32 @@ async def run_bench(requests: int, rate: float, engine: str, bootstrap: str | No
             env_pipe["ROUTER_RUN_SINK"] = "false"
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "router_worker", "--datadir", str(run_dir / tag),
-                 "worker", "--web-port", str(port), "-l", "warn"],
-                env=worker_env(env_pipe, engine), stdout=log, stderr=subprocess.STDOUT)
-            sink_proc = subprocess.Popen(
-                [sys.executable, "-m", "router_worker", "sink"],
-                env=worker_env(env_pipe, engine), stdout=log, stderr=subprocess.STDOUT,
-            ) if separate_sink else None
+                [
+                    sys.executable,
+                    "-m",
+                    "router_worker",
+                    "--datadir",
+                    str(run_dir / tag),
+                    "worker",
+                    "--web-port",
+                    str(port),
+                    "-l",
+                    "warn",
+                ],
+                env=worker_env(env_pipe, engine),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            sink_proc = (
+                subprocess.Popen(
+                    [sys.executable, "-m", "router_worker", "sink"],
+                    env=worker_env(env_pipe, engine),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                if separate_sink
+                else None
+            )
         try:
             await _wait_ready(port, proc, 120)
             rss_start = rss_mb(proc.pid)
@@ -303,8 +375,11 @@ async def run_bench(requests: int, rate: float, engine: str, bootstrap: str | No
         "passthrough_per_s": passthrough_rate,
         "pipeline_per_s": pipeline_rate,
         "ratio": round(pipeline_rate / passthrough_rate, 3) if passthrough_rate else None,
-        "latency_ms": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
-                       "p99": percentile(latencies, 99)},
+        "latency_ms": {
+            "p50": percentile(latencies, 50),
+            "p95": percentile(latencies, 95),
+            "p99": percentile(latencies, 99),
+        },
         "offered_rate": rate,
         "latency_requests": len(latencies),
         "engine": engine,

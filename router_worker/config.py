@@ -39,7 +39,9 @@ class ModelSpec(_Strict):
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         """Estimated USD cost of one call."""
-        return (input_tokens * self.cost_per_1k_input + output_tokens * self.cost_per_1k_output) / 1000
+        return (
+            input_tokens * self.cost_per_1k_input + output_tokens * self.cost_per_1k_output
+        ) / 1000
 
 
 class PolicySpec(_Strict):
@@ -74,9 +76,7 @@ class Estimates(_Strict):
     """Token estimates used for cost before the call happens."""
 
     chars_per_token: float = Field(4.0, gt=0)
-    output_tokens: dict[str, int] = Field(
-        default_factory=lambda: {"simple": 300, "complex": 1200}
-    )
+    output_tokens: dict[str, int] = Field(default_factory=lambda: {"simple": 300, "complex": 1200})
 
 
 class RoutingConfig(_Strict):
@@ -90,8 +90,11 @@ class RoutingConfig(_Strict):
     default_category: str = "chat"
     thresholds: Thresholds = Field(default_factory=Thresholds)
     latency_classes: dict[LatencyClass, int] = Field(
-        default_factory=lambda: {LatencyClass.FAST: 800, LatencyClass.MEDIUM: 3000,
-                                 LatencyClass.SLOW: 12000}
+        default_factory=lambda: {
+            LatencyClass.FAST: 800,
+            LatencyClass.MEDIUM: 3000,
+            LatencyClass.SLOW: 12000,
+        }
     )
     estimates: Estimates = Field(default_factory=Estimates)
     keywords: dict[str, tuple[str, ...]] = Field(default_factory=dict)
@@ -112,8 +115,8 @@ class RoutingConfig(_Strict):
                     raise ValueError(
                         f"routing.{category}.{complexity}: unknown policy {row.get(complexity)!r}"
                     )
-        for category in list(self.routing) + list(self.keywords) + list(
-            self.thresholds.per_category
+        for category in (
+            list(self.routing) + list(self.keywords) + list(self.thresholds.per_category)
         ):
             if category not in CATEGORIES:
                 raise ValueError(f"unknown category {category!r} (known: {', '.join(CATEGORIES)})")
@@ -141,7 +144,9 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     return f"invalid routing config {source}:\n" + "\n".join(lines)
 
 
-def parse_config(raw: dict[str, Any], source: str = "<memory>", content: bytes = b"") -> RoutingConfig:
+def parse_config(
+    raw: dict[str, Any], source: str = "<memory>", content: bytes = b""
+) -> RoutingConfig:
     """Validate a config mapping; errors name the bad key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid routing config {source}: top level must be a mapping")

@@ -331,7 +331,7 @@ class EmbeddedStack:
                 child.proc.send_signal(child.stop_signal)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         # Popen offers no awaitable exit; polling keeps children reapable by sync atexit code.
-        while _running(children) and time.monotonic() < deadline:  # noqa: ASYNC110
+        while _running(children) and time.monotonic() < deadline:
             await asyncio.sleep(_POLL_S)
         for child in children:
             if child.proc.poll() is None:

@@ -69,12 +69,17 @@ def _parse_tenant(raw: bytes | None, fallback: TenantSpec, tenant_id: str) -> Te
 class Enricher:
     """Reads tenant profiles, model health and session affinity for a batch."""
 
-    def __init__(self, url: str, prefix: str, config: RoutingConfig, timeout_s: float = 0.25) -> None:
+    def __init__(
+        self, url: str, prefix: str, config: RoutingConfig, timeout_s: float = 0.25
+    ) -> None:
         self.keys = Keys(prefix)
         self.config = config
         self._client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            health_check_interval=0, retry_on_timeout=False,
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=0,
+            retry_on_timeout=False,
         )
         self._skip_until = 0.0
 
@@ -82,7 +87,9 @@ class Enricher:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
@@ -127,9 +134,7 @@ class Enricher:
         }
         health: dict[bytes, bytes] = replies[n]
         unhealthy = frozenset(m.decode() for m, v in health.items() if v.decode() == HEALTH_DOWN)
-        pins = {
-            s: raw.decode() for s, raw in zip(sessions, replies[n + 1:], strict=True) if raw
-        }
+        pins = {s: raw.decode() for s, raw in zip(sessions, replies[n + 1 :], strict=True) if raw}
         return Enrichment(tenants=tenants, unhealthy=unhealthy, sessions=pins)
 
     async def pin_sessions(self, pins: dict[tuple[str, str], str], ttl_s: int) -> bool:

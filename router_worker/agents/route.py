@@ -61,8 +61,12 @@ class Router:
     """Turns a micro-batch of raw records into completed/failed records."""
 
     def __init__(
-        self, settings: Settings, config: RoutingConfig, cascade: Cascade,
-        enricher: Enricher | None, metrics: Metrics,
+        self,
+        settings: Settings,
+        config: RoutingConfig,
+        cascade: Cascade,
+        enricher: Enricher | None,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.config = config
@@ -94,10 +98,20 @@ class Router:
         pins: dict[tuple[str, str], str] = {}
         stage_ms = {"enrich": _ms(started, enriched), "classify": _ms(enriched, classified)}
         degraded = enrichment.degraded + cascade.degraded
-        for (index, request), text, prediction in zip(valid, texts, cascade.predictions,
-                                                       strict=True):
-            out[index] = self._decide(batch[index], request, len(text), prediction, enrichment,
-                                      degraded, stage_ms, now, pins)
+        for (index, request), text, prediction in zip(
+            valid, texts, cascade.predictions, strict=True
+        ):
+            out[index] = self._decide(
+                batch[index],
+                request,
+                len(text),
+                prediction,
+                enrichment,
+                degraded,
+                stage_ms,
+                now,
+                pins,
+            )
         decided = time.monotonic()
         if pins and self.enricher is not None:
             await self.enricher.pin_sessions(pins, SESSION_TTL_S)
@@ -113,34 +127,66 @@ class Router:
         return await self.enricher.enrich(requests)
 
     def _decide(
-        self, inbound: Inbound, request: RoutingRequested, text_chars: int, prediction: Prediction,
-        enrichment: Enrichment, degraded: list[str], stage_ms: dict[str, float], now: datetime,
+        self,
+        inbound: Inbound,
+        request: RoutingRequested,
+        text_chars: int,
+        prediction: Prediction,
+        enrichment: Enrichment,
+        degraded: list[str],
+        stage_ms: dict[str, float],
+        now: datetime,
         pins: dict[tuple[str, str], str],
     ) -> Outgoing:
         if request.task_hint is not None:
             prediction = Prediction(
-                category=request.task_hint.value, complexity=prediction.complexity,
-                confidence=1.0, scores=prediction.scores,
-                complexity_confidence=prediction.complexity_confidence, tier=prediction.tier,
+                category=request.task_hint.value,
+                complexity=prediction.complexity,
+                confidence=1.0,
+                scores=prediction.scores,
+                complexity_confidence=prediction.complexity_confidence,
+                tier=prediction.tier,
             )
         tenant = enrichment.tenants.get(request.tenant_id) or self.config.tenant(request.tenant_id)
-        ctx = Context(tenant=tenant, unhealthy=enrichment.unhealthy,
-                      session_model=enrichment.session_model(request))
+        ctx = Context(
+            tenant=tenant,
+            unhealthy=enrichment.unhealthy,
+            session_model=enrichment.session_model(request),
+        )
         try:
             choice = decide(request, prediction, ctx, self.config, text_chars)
         except RequestRejected as exc:
-            rejected = Rejected(request.request_id, request.tenant_id, exc.error_code, exc.detail,
-                                None, request.created_at)
+            rejected = Rejected(
+                request.request_id,
+                request.tenant_id,
+                exc.error_code,
+                exc.detail,
+                None,
+                request.created_at,
+            )
             return self._failed(inbound, rejected, now)
         if request.session_id is not None:
             pins[(request.tenant_id, request.session_id)] = choice.model
         queue_ms = max(0.0, now.timestamp() * 1000 - inbound.timestamp_ms)
-        return self._completed(inbound, request, prediction, choice, degraded,
-                               {**stage_ms, "queue": round(queue_ms, 3)}, now)
+        return self._completed(
+            inbound,
+            request,
+            prediction,
+            choice,
+            degraded,
+            {**stage_ms, "queue": round(queue_ms, 3)},
+            now,
+        )
 
     def _completed(
-        self, inbound: Inbound, request: RoutingRequested, prediction: Prediction, choice: Choice,
-        degraded: list[str], stage_ms: dict[str, float], now: datetime,
+        self,
+        inbound: Inbound,
+        request: RoutingRequested,
+        prediction: Prediction,
+        choice: Choice,
+        degraded: list[str],
+        stage_ms: dict[str, float],
+        now: datetime,
     ) -> Outgoing:
         total = stage_ms["queue"] + stage_ms["enrich"] + stage_ms["classify"]
         event: dict[str, Any] = {
@@ -165,10 +211,16 @@ class Router:
             "created_at": request.created_at,
             "decided_at": now,
         }
-        return Outgoing(self.completed_topic, request.request_id.encode(), orjson.dumps(event),
-                        propagate_headers(inbound, request.request_id), request.request_id,
-                        "completed", request.tenant_id,
-                        (prediction.tier.value, choice.model, prediction.category, choice.policy))
+        return Outgoing(
+            self.completed_topic,
+            request.request_id.encode(),
+            orjson.dumps(event),
+            propagate_headers(inbound, request.request_id),
+            request.request_id,
+            "completed",
+            request.tenant_id,
+            (prediction.tier.value, choice.model, prediction.category, choice.policy),
+        )
 
     def _failed(self, inbound: Inbound, rejected: Rejected, now: datetime) -> Outgoing:
         event = {
@@ -180,11 +232,22 @@ class Router:
             "created_at": rejected.created_at,
             "failed_at": now,
         }
-        log.info("request_failed", request_id=rejected.request_id, tenant_id=rejected.tenant_id,
-                 error_code=rejected.error_code.value)
-        return Outgoing(self.failed_topic, rejected.request_id.encode(), orjson.dumps(event),
-                        propagate_headers(inbound, rejected.request_id), rejected.request_id,
-                        "failed", rejected.tenant_id or "unknown", (rejected.error_code.value,))
+        log.info(
+            "request_failed",
+            request_id=rejected.request_id,
+            tenant_id=rejected.tenant_id,
+            error_code=rejected.error_code.value,
+        )
+        return Outgoing(
+            self.failed_topic,
+            rejected.request_id.encode(),
+            orjson.dumps(event),
+            propagate_headers(inbound, rejected.request_id),
+            rejected.request_id,
+            "failed",
+            rejected.tenant_id or "unknown",
+            (rejected.error_code.value,),
+        )
 
     def fail_all(self, batch: Sequence[Inbound], exc: Exception) -> list[Outgoing]:
         """Terminal `internal` failures for a batch that crashed the router (a bug)."""
@@ -205,7 +268,9 @@ class Router:
     def _count(self, outgoing: Sequence[Outgoing]) -> None:
         # One inc per label combination, not per request: cheap at high rates.
         requests: Counter[tuple[str, str]] = Counter((o.tenant_id, o.status) for o in outgoing)
-        labels: Counter[tuple[str, tuple[str, ...]]] = Counter((o.status, o.labels) for o in outgoing)
+        labels: Counter[tuple[str, tuple[str, ...]]] = Counter(
+            (o.status, o.labels) for o in outgoing
+        )
         for (tenant, status), n in requests.items():
             self.metrics.requests.labels(tenant, status).inc(n)
         for (status, values), n in labels.items():

@@ -40,7 +40,7 @@ def rows_from_records(
     return rows
 
 
-class SinkAgent(Service):  # type: ignore[misc]  # mode ships no type information
+class SinkAgent(Service):
     """Consumes completed/failed events and makes them durable rows."""
 
     def __init__(self, settings: Settings, metrics: Metrics, **kwargs: Any) -> None:

@@ -45,16 +45,20 @@ class KeywordEngine:
 
     name = "keyword"
 
-    def __init__(self, phrases: Mapping[str, Sequence[str]], default_category: str = "chat") -> None:
+    def __init__(
+        self, phrases: Mapping[str, Sequence[str]], default_category: str = "chat"
+    ) -> None:
         self._owner: dict[str, np.ndarray] = {}
         for index, category in enumerate(CATEGORIES):
             for phrase in phrases.get(category, ()):
                 vector = self._owner.setdefault(phrase.lower(), np.zeros(len(CATEGORIES)))
                 vector[index] = 1.0
         ordered = sorted(self._owner, key=len, reverse=True)  # longest phrase wins the match
-        self._exact = re.compile(
-            r"(?<!\w)(" + "|".join(re.escape(p) for p in ordered) + r")(?!\w)"
-        ) if ordered else None
+        self._exact = (
+            re.compile(r"(?<!\w)(" + "|".join(re.escape(p) for p in ordered) + r")(?!\w)")
+            if ordered
+            else None
+        )
         # Typos are only plausible in longer single words ("kubernetse"); short ones collide.
         self._words = [p for p in ordered if " " not in p and len(p) >= _MIN_FUZZY_LEN]
         self._default = default_category
@@ -73,33 +77,45 @@ class KeywordEngine:
         clipped = [t[:_MAX_CHARS].lower() for t in texts]
         exact = [self._exact.findall(t) if self._exact else [] for t in clipped]
         fuzzy = self._fuzzy_words(clipped)
-        return [self._predict(texts[i], exact[i], clipped[i], fuzzy)
-                for i in range(len(texts))]
+        return [self._predict(texts[i], exact[i], clipped[i], fuzzy) for i in range(len(texts))]
 
     def _fuzzy_words(self, clipped: list[str]) -> dict[str, str]:
         """Distinct words of the batch that are near-misses of a phrase word -> that phrase."""
         if not self._words:
             return {}
-        vocab = sorted({w for t in clipped for w in _WORD.findall(t)
-                        if len(w) >= _MIN_FUZZY_LEN and w not in self._owner})
+        vocab = sorted(
+            {
+                w
+                for t in clipped
+                for w in _WORD.findall(t)
+                if len(w) >= _MIN_FUZZY_LEN and w not in self._owner
+            }
+        )
         if not vocab:
             return {}
-        sim = process.cdist(vocab, self._words, scorer=fuzz.ratio, score_cutoff=_FUZZY_CUTOFF,
-                            dtype=np.uint8, workers=1)
+        sim = process.cdist(
+            vocab,
+            self._words,
+            scorer=fuzz.ratio,
+            score_cutoff=_FUZZY_CUTOFF,
+            dtype=np.uint8,
+            workers=1,
+        )
         rows, cols = np.nonzero(sim)
         return {vocab[r]: self._words[c] for r, c in zip(rows.tolist(), cols.tolist(), strict=True)}
 
-    def _predict(self, text: str, exact: list[str], clipped: str,
-                 fuzzy: dict[str, str]) -> Prediction:
+    def _predict(
+        self, text: str, exact: list[str], clipped: str, fuzzy: dict[str, str]
+    ) -> Prediction:
         exact_votes = np.zeros(len(CATEGORIES))
         for phrase in exact:
             exact_votes += self._owner[phrase]
         fuzzy_votes = np.zeros(len(CATEGORIES))
         if fuzzy:
             for word in _WORD.findall(clipped):
-                phrase = fuzzy.get(word)
-                if phrase is not None:
-                    fuzzy_votes += self._owner[phrase]
+                near = fuzzy.get(word)
+                if near is not None:
+                    fuzzy_votes += self._owner[near]
         # Exact hits count double so a clean match beats a near-miss.
         total = 2 * exact_votes + fuzzy_votes
         if not total.any():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import click
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
@@ -27,13 +28,14 @@ async def apply_topics(settings: Settings) -> list[str]:
         existing = set(await admin.list_topics())
         missing = [s for s in specs if s.name not in existing]
         if missing:
-            try:
-                await admin.create_topics([
-                    NewTopic(s.name, s.partitions, s.replication_factor, topic_configs=s.config)
-                    for s in missing
-                ])
-            except TopicAlreadyExistsError:
-                pass  # another process won the race; same definition
+            # another process may win the race to create them; same definition either way
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(
+                    [
+                        NewTopic(s.name, s.partitions, s.replication_factor, topic_configs=s.config)
+                        for s in missing
+                    ]
+                )
             actions += [f"created {s.name} ({s.partitions} partitions)" for s in missing]
         for spec in specs:
             if spec.name in existing:
@@ -77,8 +79,9 @@ def db_group() -> None:
 def db_migrate() -> None:
     """Apply pending SQL migrations (idempotent)."""
     settings = get_settings()
-    applied = asyncio.run(migrate(settings.database_url.get_secret_value(),
-                                  settings.database_schema))
+    applied = asyncio.run(
+        migrate(settings.database_url.get_secret_value(), settings.database_schema)
+    )
     click.echo(f"applied {', '.join(applied)}" if applied else "database is up to date")
 
 
