@@ -75,11 +75,9 @@ COPY --from=builder /opt/venv /opt/venv
 # ./<app id>-data and the CPU engine looks for ./models and ./artifacts (mount them).
 WORKDIR /app
 COPY --chown=router:router topics/ /app/topics/
-# Stopgap: router_worker.topics resolves topics/ next to the package, i.e. in site-packages
-# for a non-editable install; point that path at the copy above until topics ship as
-# package data.
-RUN ln -s /app/topics "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/topics" \
- && mkdir -p /app/models /app/artifacts /app/router-worker-data \
+# `topics apply` reads the definitions from here (ROUTER_TOPICS_DIR).
+ENV ROUTER_TOPICS_DIR=/app/topics
+RUN mkdir -p /app/models /app/artifacts /app/router-worker-data \
  && chown -R router:router /app
 
 USER ${UID}:${UID}

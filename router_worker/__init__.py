@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
     # `faust -A router_worker worker` looks up `router_worker.app`; building the app lazily keeps
     # `import router_worker.events` (clients, tests, tools) free of Faust start-up cost.
     if name == "app":
-        from router_worker.app import get_app
+        from router_worker.faust_app import get_app
 
         application: faust.App = get_app()
         return application

@@ -34,7 +34,7 @@ def main() -> None:
     """Entry point of the `router-worker` console script."""
     from faust.cli.faust import cli
 
-    from router_worker.app import get_app
+    from router_worker.faust_app import get_app
 
     register_commands(cli)
     get_app().main()

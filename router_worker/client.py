@@ -11,9 +11,10 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from router_worker import topics
-from router_worker.errors import RouterError
+from router_worker.errors import DependencyUnavailable, RouterError
 from router_worker.events import utcnow
 from router_worker.kafka import consumer_options, producer_options
 from router_worker.settings import Settings
@@ -63,8 +64,15 @@ class RoutingClient:
 
     async def start(self) -> None:
         """Connect, and position the reply consumer at the end of both reply topics."""
-        await self._producer.start()
-        await self._consumer.start()
+        try:
+            await self._producer.start()
+            await self._consumer.start()
+        except KafkaError as exc:
+            await self._consumer.stop()
+            await self._producer.stop()
+            raise DependencyUnavailable(
+                f"cannot reach Kafka at {self.settings.kafka_bootstrap}: {exc}"
+            ) from exc
         partitions = []
         for topic in (self._completed, self._failed):
             await self._consumer.topics()  # refreshes cluster metadata

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
 
     # --- routing -----------------------------------------------------------------------------
     config: Path = Field(DEFAULT_CONFIG, description="path of the YAML routing config")
+    topics_dir: Path | None = Field(
+        None, description="topic definitions for `topics apply` (default: the repo's topics/)"
+    )
     max_batch: int = Field(512, ge=1, description="largest micro-batch the route agent takes")
     max_wait_ms: float = Field(10.0, gt=0, description="longest wait to fill a micro-batch")
     max_prompt_bytes: int = Field(65536, ge=1, description="prompt text above this is too_large")

@@ -12,14 +12,14 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from router_worker.kafka import client_options
 from router_worker.settings import Settings, get_settings
 from router_worker.store.migrate import migrate
-from router_worker.topics import TopicSpec, load_topic_specs
+from router_worker.topics import TOPICS_DIR, TopicSpec, load_topic_specs
 
 
 async def apply_topics(settings: Settings) -> list[str]:
     """Create missing topics and grow partition counts; returns one line per action."""
     specs = [
         TopicSpec(settings.topic(s.name), s.partitions, s.replication_factor, s.config)
-        for s in load_topic_specs(settings.topic_partitions)
+        for s in load_topic_specs(settings.topic_partitions, settings.topics_dir or TOPICS_DIR)
     ]
     admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=10000)
     await admin.start()

@@ -8,7 +8,8 @@ import sys
 import click
 import orjson
 
-from router_worker.client import Reply, RoutingClient, RoutingTimeout
+from router_worker.client import Reply, RoutingClient
+from router_worker.errors import RouterError
 from router_worker.settings import get_settings
 
 
@@ -39,7 +40,7 @@ def request_command(prompt: str, tenant: str, timeout: float, as_json: bool) -> 
     """Publish one routing request and print its decision."""
     try:
         reply = asyncio.run(_request(prompt, tenant, timeout))
-    except RoutingTimeout as exc:
+    except RouterError as exc:  # timeout, broker unreachable, topics missing
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     if as_json:

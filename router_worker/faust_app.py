@@ -1,4 +1,4 @@
-"""Create the Faust app and register the route agent, the sink service and web endpoints."""
+"""Create the Faust app (exposed as `router_worker.app` for `faust -A router_worker`) and register the route agent, the sink service and web endpoints."""
 
 from __future__ import annotations
 
