@@ -1,4 +1,13 @@
-"""Python client: publish requests and await their decisions over the topics."""
+"""Python client: publish requests and await their decisions over the topics.
+
+```python
+async with RoutingClient(settings) as client:
+    reply = await client.route("Write a haiku about Kafka", tenant="acme", timeout=5)
+    if reply.status == "completed":
+        model = reply.decision["model"]
+    await client.report_outcome(reply.request_id, model, success=True, latency_ms=840)
+```
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 import orjson
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -18,6 +28,10 @@ from router_worker.errors import DependencyUnavailable, RouterError
 from router_worker.events import utcnow
 from router_worker.kafka import consumer_options, producer_options
 from router_worker.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+_READ_BACKOFF_S = 0.5
 
 
 class RoutingTimeout(RouterError):
@@ -36,11 +50,25 @@ class Reply:
 
     @property
     def request_id(self) -> str:
+        """The id of the request this event answers."""
         return str(self.event["request_id"])
+
+    @property
+    def decision(self) -> dict[str, Any] | None:
+        """The `decision` object of a completed event; None for a failure."""
+        decision = self.event.get("decision") if self.status == "completed" else None
+        return decision if isinstance(decision, dict) else None
 
 
 class RoutingClient:
-    """Request/reply over Kafka: one producer, one shared reply consumer, many waiters."""
+    """Request/reply over Kafka: one producer, one shared reply consumer, many waiters.
+
+    The reply consumer has no group: it reads every partition of the completed and failed
+    topics from their end at `start()`, and resolves the future registered for each
+    request_id (`expect`). Any number of concurrent `route()` calls share it; a reply for a
+    request nobody waits for is skipped without being parsed. `stop()` (or leaving the
+    `async with` block) cancels every pending waiter.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -79,6 +107,8 @@ class RoutingClient:
             found = self._consumer.partitions_for_topic(topic) or set()
             partitions += [TopicPartition(topic, p) for p in sorted(found)]
         if not partitions:
+            await self._consumer.stop()
+            await self._producer.stop()
             raise RouterError(f"topics {self._completed}/{self._failed} not found: run "
                               "`router-worker topics apply` first")
         self._consumer.assign(partitions)
@@ -88,7 +118,7 @@ class RoutingClient:
         self._reader = asyncio.create_task(self._read_replies(), name="routing-client-replies")
 
     async def stop(self) -> None:
-        """Stop reading and close both clients; pending waiters are cancelled."""
+        """Stop reading and close both clients; pending waiters are cancelled. Idempotent."""
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -102,17 +132,32 @@ class RoutingClient:
 
     async def _read_replies(self) -> None:
         while True:
-            batches = await self._consumer.getmany(timeout_ms=100, max_records=5000)
+            try:
+                batches = await self._consumer.getmany(timeout_ms=100, max_records=5000)
+            except KafkaError as exc:
+                # A broker hiccup must not kill the one reader every waiter depends on.
+                log.warning("client_reply_fetch_failed", error=repr(exc)[:200])
+                await asyncio.sleep(_READ_BACKOFF_S)
+                continue
+            if not self._waiters:
+                continue
             for records in batches.values():
                 for record in records:
-                    self._resolve(record.topic, record.value or b"")
+                    self._resolve(record.topic, record.key, record.value or b"")
 
-    def _resolve(self, topic: str, value: bytes) -> None:
+    def _resolve(self, topic: str, key: bytes | None, value: bytes) -> None:
+        # Terminal events are keyed by request_id: look the waiter up by key first, so replies
+        # meant for other callers are never parsed.
+        if key is not None:
+            waiter = self._waiters.get(key.decode("utf-8", errors="replace"))
+            if waiter is None:
+                return
         try:
             event = orjson.loads(value)
-            waiter = self._waiters.pop(str(event["request_id"]), None)
+            rid = str(event["request_id"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return
+        waiter = self._waiters.pop(rid, None)
         if waiter is not None and not waiter.done():
             status = "completed" if topic == self._completed else "failed"
             waiter.set_result(Reply(status, event))
@@ -122,7 +167,13 @@ class RoutingClient:
         session_id: str | None = None, headers: dict[str, str] | None = None,
         payload: dict[str, Any] | bytes | None = None, **fields: Any,
     ) -> str:
-        """Fire and forget: publish a request (or a raw payload) and return its request_id."""
+        """Fire and forget: publish a request and return its request_id.
+
+        `fields` become top-level request fields (`task_hint`, `constraints`, `metadata`, ...);
+        `payload` replaces the whole body (bytes are sent as they are, e.g. to test bad input);
+        `headers` (e.g. `traceparent`, `correlation_id`) travel to every event it causes.
+        Returns once the broker acknowledged the record.
+        """
         rid = request_id or str(uuid.uuid4())
         if isinstance(payload, bytes):
             value = payload
@@ -140,7 +191,11 @@ class RoutingClient:
         return rid
 
     def expect(self, request_id: str) -> asyncio.Future[Reply]:
-        """A future resolved by the terminal event of `request_id` (register before publishing)."""
+        """A future resolved with the terminal event of `request_id`.
+
+        Register it before publishing, or a fast reply may arrive before anyone waits for it.
+        Callers expecting the same id share one future.
+        """
         waiter = self._waiters.get(request_id)
         if waiter is None:
             waiter = asyncio.get_running_loop().create_future()
@@ -149,10 +204,16 @@ class RoutingClient:
 
     async def route(self, prompt: str, *, tenant: str = "default", timeout: float = 10.0,
                     **fields: Any) -> Reply:
-        """Publish a request and wait for its decision (or failure)."""
+        """Publish a request and wait for its terminal event: a `Reply` with status "completed"
+        (see `Reply.decision`) or "failed" (`error_code`); RoutingTimeout after `timeout` s.
+        Other keyword arguments are passed to `publish`."""
         rid = fields.pop("request_id", None) or str(uuid.uuid4())
         waiter = self.expect(rid)
-        await self.publish(prompt, tenant=tenant, request_id=rid, **fields)
+        try:
+            await self.publish(prompt, tenant=tenant, request_id=rid, **fields)
+        except BaseException:
+            self._forget(rid, waiter)
+            raise
         return await self.wait(rid, waiter, timeout)
 
     async def wait(self, request_id: str, waiter: asyncio.Future[Reply], timeout: float) -> Reply:
@@ -160,15 +221,25 @@ class RoutingClient:
         try:
             return await asyncio.wait_for(waiter, timeout)
         except TimeoutError as exc:
-            self._waiters.pop(request_id, None)
             raise RoutingTimeout(
-                f"no decision for request {request_id} within {timeout:.1f}s: is a worker "
-                f"running against {self.settings.kafka_bootstrap}?"
+                f"no decision for request {request_id} within {timeout:.1f}s: nothing arrived "
+                f"on {self._completed} or {self._failed}. Is a worker running and consuming "
+                f"{self.settings.topic(topics.REQUESTED)} at {self.settings.kafka_bootstrap}?"
             ) from exc
+        finally:
+            self._forget(request_id, waiter)
+
+    def _forget(self, request_id: str, waiter: asyncio.Future[Reply]) -> None:
+        if self._waiters.get(request_id) is waiter:
+            del self._waiters[request_id]
 
     async def report_outcome(self, request_id: str, model: str, *, success: bool,
                              latency_ms: float, **fields: Any) -> None:
-        """Publish a `routing.outcome.v1` event for a decision the caller used."""
+        """Publish a `routing.outcome.v1` event for a decision the caller used.
+
+        `fields` are the optional outcome fields: `tenant_id`, `input_tokens`,
+        `output_tokens`, `cost_usd`, `category`, `label` (the category that was right).
+        """
         body = {"request_id": request_id, "model": model, "success": success,
                 "latency_ms": latency_ms, "reported_at": utcnow(), **fields}
         await self._producer.send_and_wait(self.settings.topic(topics.OUTCOME),

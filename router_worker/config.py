@@ -59,6 +59,9 @@ class TenantSpec(_Strict):
     denied_models: frozenset[str] = frozenset()
     daily_budget_usd: float | None = Field(None, ge=0)
     on_budget_exceeded: str = Field("downgrade", pattern="^(downgrade|fail)$")
+    # Token bucket: sustained requests per second and the burst it may save up (None: no limit).
+    requests_per_s: float | None = Field(None, gt=0)
+    burst: int | None = Field(None, ge=1)
 
 
 class Thresholds(_Strict):
@@ -77,6 +80,79 @@ class Estimates(_Strict):
 
     chars_per_token: float = Field(4.0, gt=0)
     output_tokens: dict[str, int] = Field(default_factory=lambda: {"simple": 300, "complex": 1200})
+
+
+class CacheSpec(_Strict):
+    """Decision cache: a repeated prompt reuses its classification for `ttl_s`."""
+
+    enabled: bool = True
+    ttl_s: int = Field(3600, ge=1)
+
+
+class HealthSpec(_Strict):
+    """Circuit breaker fed by outcomes: `failures` within `window_s` open it for `cooldown_s`."""
+
+    enabled: bool = True
+    failures: int = Field(5, ge=1)
+    window_s: float = Field(60.0, gt=0)
+    cooldown_s: float = Field(30.0, gt=0)
+
+
+class PerformanceSpec(_Strict):
+    """EWMA of success and latency per model; models below the bar move to the end of lists."""
+
+    enabled: bool = True
+    alpha: float = Field(0.1, gt=0, le=1)
+    min_samples: int = Field(20, ge=1)
+    min_success_rate: float = Field(0.8, ge=0, le=1)
+    max_latency_ms: float | None = Field(None, gt=0)
+    # Recovery must clear the bar by this fraction, so a model does not flap at the edge.
+    hysteresis: float = Field(0.05, ge=0, lt=1)
+
+
+class BudgetSpec(_Strict):
+    """Spend tracking windows and the alert threshold."""
+
+    enabled: bool = True
+    alert_ratio: float = Field(0.8, gt=0, le=1)
+
+
+class AffinitySpec(_Strict):
+    """Session affinity: a session keeps its model for `ttl_s` while it stays eligible."""
+
+    enabled: bool = True
+    ttl_s: int = Field(3600, ge=1)
+
+
+class ArmSpec(_Strict):
+    """One experiment arm: a policy, or an explicit model list, and its traffic weight."""
+
+    name: str = Field(min_length=1)
+    weight: float = Field(gt=0)
+    policy: str | None = None
+    models: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ArmSpec:
+        if (self.policy is None) == (self.models is None):
+            raise ValueError("an arm names exactly one of 'policy' or 'models'")
+        return self
+
+
+class ExperimentSpec(_Strict):
+    """An A/B test: scope (tenants, categories) and arms with a traffic split."""
+
+    tenants: frozenset[str] | None = None
+    categories: frozenset[str] | None = None
+    assign_by: str = Field("session", pattern="^(session|request)$")
+    arms: tuple[ArmSpec, ...] = Field(min_length=2)
+    enabled: bool = True
+
+
+class RateLimitSpec(_Strict):
+    """Per-tenant token buckets (the rates live on each tenant)."""
+
+    enabled: bool = True
 
 
 class RoutingConfig(_Strict):
@@ -99,6 +175,13 @@ class RoutingConfig(_Strict):
     estimates: Estimates = Field(default_factory=Estimates)
     keywords: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     tenants: dict[str, TenantSpec] = Field(default_factory=lambda: {"default": TenantSpec()})
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    health: HealthSpec = Field(default_factory=HealthSpec)
+    performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
+    budgets: BudgetSpec = Field(default_factory=BudgetSpec)
+    affinity: AffinitySpec = Field(default_factory=AffinitySpec)
+    experiments: dict[str, ExperimentSpec] = Field(default_factory=dict)
+    rate_limits: RateLimitSpec = Field(default_factory=RateLimitSpec)
 
     @model_validator(mode="after")
     def _cross_references(self) -> RoutingConfig:
@@ -129,6 +212,20 @@ class RoutingConfig(_Strict):
         for tenant, spec in self.tenants.items():
             if spec.policy is not None and spec.policy not in self.policies:
                 raise ValueError(f"tenants.{tenant}.policy: unknown policy {spec.policy!r}")
+        for name, exp in self.experiments.items():
+            for category in exp.categories or ():
+                if category not in CATEGORIES:
+                    raise ValueError(f"experiments.{name}.categories: unknown {category!r}")
+            for arm in exp.arms:
+                if arm.policy is not None and arm.policy not in self.policies:
+                    raise ValueError(
+                        f"experiments.{name}.arms.{arm.name}: unknown policy {arm.policy!r}")
+                for model in arm.models or ():
+                    if model not in self.models:
+                        raise ValueError(
+                            f"experiments.{name}.arms.{arm.name}: unknown model {model!r}")
+            if len({a.name for a in exp.arms}) != len(exp.arms):
+                raise ValueError(f"experiments.{name}.arms: names must be unique")
         return self
 
     def tenant(self, tenant_id: str) -> TenantSpec:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
 
 import orjson
@@ -13,8 +14,13 @@ import structlog
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from router_worker.classify.engine import Prediction
 from router_worker.config import RoutingConfig, TenantSpec
 from router_worker.events import RoutingRequested
+from router_worker.state.budget import window_ids
+from router_worker.state.cache import decode_prediction
+from router_worker.state.health import HEALTH_SCRIPT
+from router_worker.state.ratelimit import BUCKET_SCRIPT, bucket_size
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +45,56 @@ class Keys:
     def session(self, tenant_id: str, session_id: str) -> str:
         return f"{self.prefix}session:{tenant_id}:{session_id}"
 
+    def probe_prefix(self) -> str:
+        return f"{self.prefix}probe:"
+
+    def failures(self, model: str) -> str:
+        return f"{self.prefix}failures:{model}"
+
+    def perf(self) -> str:
+        return f"{self.prefix}perf"
+
+    def demoted(self) -> str:
+        return f"{self.prefix}demoted"
+
+    def cache(self, key: str) -> str:
+        return f"{self.prefix}cache:{key}"
+
+    def spend(self, kind: str, name: str, window_id: str) -> str:
+        """Spend counter; kind is t (tenant), m (model) or p (policy)."""
+        return f"{self.prefix}spend:{kind}:{name}:{window_id}"
+
+    def bucket(self, tenant_id: str) -> str:
+        return f"{self.prefix}bucket:{tenant_id}"
+
+    def experiment(self, name: str) -> str:
+        return f"{self.prefix}exp:{name}"
+
+    def experiment_request(self, request_id: str) -> str:
+        return f"{self.prefix}expreq:{request_id}"
+
+    def alert(self, kind: str, tenant_id: str, window_id: str) -> str:
+        return f"{self.prefix}alert:{kind}:{tenant_id}:{window_id}"
+
+
+@dataclass
+class WriteBack:
+    """Everything a routed batch writes to Redis, in one pipeline after the decisions."""
+
+    pins: dict[tuple[str, str], str] = field(default_factory=dict)
+    pin_ttl_s: int = 3600
+    cache: dict[str, bytes] = field(default_factory=dict)
+    cache_ttl_s: int = 3600
+    # (request_id, experiment, arm) of requests routed by an experiment arm
+    assignments: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.pins or self.cache or self.assignments)
+
+
+# How long a request's experiment arm is remembered for joining its outcome.
+ASSIGNMENT_TTL_S = 7 * 86400
+
 
 @dataclass
 class Enrichment:
@@ -48,6 +104,16 @@ class Enrichment:
     unhealthy: frozenset[str] = frozenset()
     sessions: dict[tuple[str, str], str] = field(default_factory=dict)
     degraded: list[str] = field(default_factory=list)
+    # half-open models this worker won the probe for: one request of the batch may use each
+    probes: frozenset[str] = frozenset()
+    # perf series (`model` or `model@category`) -> why it is demoted
+    demoted: dict[str, str] = field(default_factory=dict)
+    # cache key -> cached classification (hits only)
+    cached: dict[str, Prediction] = field(default_factory=dict)
+    # tenant -> spend so far today (USD), for tenants with a daily budget
+    spend: dict[str, float] = field(default_factory=dict)
+    # tenant -> how many of this batch's requests its token bucket lets through
+    granted: dict[str, int] = field(default_factory=dict)
 
     def session_model(self, request: RoutingRequested) -> str | None:
         """The model this request's session is pinned to, if any."""
@@ -64,6 +130,20 @@ def _parse_tenant(raw: bytes | None, fallback: TenantSpec, tenant_id: str) -> Te
     except (orjson.JSONDecodeError, ValidationError):
         log.warning("tenant_profile_invalid", tenant_id=tenant_id)
         return fallback
+
+
+def _parse_health(reply: object, scripted: bool) -> tuple[frozenset[str], frozenset[str]]:
+    """(unhealthy models, half-open models whose probe this worker claimed)."""
+    if not scripted:
+        assert isinstance(reply, dict)
+        down = frozenset(m.decode() for m, v in reply.items() if v.decode() == HEALTH_DOWN)
+        return down, frozenset()
+    assert isinstance(reply, list)
+    unhealthy: set[str] = set()
+    probes: set[str] = set()
+    for model, state in zip(reply[::2], reply[1::2], strict=True):
+        (probes if state == b"probe" else unhealthy).add(model.decode())
+    return frozenset(unhealthy), frozenset(probes)
 
 
 class Enricher:
@@ -107,43 +187,86 @@ class Enricher:
         tenants = {r.tenant_id: self.config.tenant(r.tenant_id) for r in requests}
         return Enrichment(tenants=tenants, degraded=degraded)
 
-    async def enrich(self, requests: Sequence[RoutingRequested]) -> Enrichment:
-        """One pipeline: tenant profiles, the health hash, session pins."""
+    async def enrich(
+        self, requests: Sequence[RoutingRequested], cache_keys: Sequence[str] = (),
+        now: float | None = None,
+    ) -> Enrichment:
+        """One pipeline: tenant profiles, breakers (claiming half-open probes), demotions,
+        session pins, cached classifications, today's spend and the token buckets."""
         if not requests:
             return Enrichment()
         if time.monotonic() < self._skip_until:
             return self._defaults(requests, ["redis"])
+        now = time.time() if now is None else now
+        config = self.config
         tenant_ids = sorted({r.tenant_id for r in requests})
-        sessions = sorted({(r.tenant_id, r.session_id) for r in requests if r.session_id})
+        sessions = sorted({(r.tenant_id, r.session_id) for r in requests if r.session_id}) if (
+            config.affinity.enabled) else []
+        keys = sorted(set(cache_keys)) if config.cache.enabled else []
+        budgeted = [t for t in tenant_ids if config.budgets.enabled]
+        limits = {t: bucket_size(config.tenant(t)) for t in tenant_ids} if (
+            config.rate_limits.enabled) else {}
+        limited = [(t, lim) for t, lim in limits.items() if lim is not None]
+        wanted: dict[str, int] = {}
+        for request in requests:
+            wanted[request.tenant_id] = wanted.get(request.tenant_id, 0) + 1
+        day = window_ids(datetime.fromtimestamp(now, UTC))["daily"]
+
         pipe = self._client.pipeline(transaction=False)
         for tenant_id in tenant_ids:
             pipe.get(self.keys.tenant(tenant_id))
-        pipe.hgetall(self.keys.health())
+        if config.health.enabled:
+            pipe.eval(HEALTH_SCRIPT, 1, self.keys.health(), repr(now), self.keys.probe_prefix(),
+                      int(config.health.cooldown_s * 1000))
+        else:
+            pipe.hgetall(self.keys.health())
+        pipe.hgetall(self.keys.demoted())
         for tenant_id, session_id in sessions:
             pipe.get(self.keys.session(tenant_id, session_id))
+        if keys:
+            pipe.mget([self.keys.cache(k) for k in keys])
+        if budgeted:
+            pipe.mget([self.keys.spend("t", t, day) for t in budgeted])
+        for tenant_id, (rate, burst) in limited:
+            pipe.eval(BUCKET_SCRIPT, 1, self.keys.bucket(tenant_id), rate, burst,
+                      int(now * 1000), wanted[tenant_id])
         try:
-            replies = await pipe.execute()
+            replies = iter(await pipe.execute())
         except (RedisError, OSError) as exc:
             self._skip_until = time.monotonic() + _RETRY_AFTER_S
             log.warning("redis_unavailable", error=type(exc).__name__, detail=str(exc)[:200])
             return self._defaults(requests, ["redis"])
-        n = len(tenant_ids)
-        tenants = {
-            t: _parse_tenant(raw, self.config.tenant(t), t)
-            for t, raw in zip(tenant_ids, replies[:n], strict=True)
-        }
-        health: dict[bytes, bytes] = replies[n]
-        unhealthy = frozenset(m.decode() for m, v in health.items() if v.decode() == HEALTH_DOWN)
-        pins = {s: raw.decode() for s, raw in zip(sessions, replies[n + 1 :], strict=True) if raw}
-        return Enrichment(tenants=tenants, unhealthy=unhealthy, sessions=pins)
+        tenants = {t: _parse_tenant(next(replies), config.tenant(t), t) for t in tenant_ids}
+        unhealthy, probes = _parse_health(next(replies), config.health.enabled)
+        demoted = {k.decode(): v.decode() for k, v in next(replies).items()}
+        pins = {s: raw.decode() for s in sessions if (raw := next(replies))}
+        cached: dict[str, Prediction] = {}
+        if keys:
+            for key, raw in zip(keys, next(replies), strict=True):
+                prediction = decode_prediction(raw)
+                if prediction is not None:
+                    cached[key] = prediction
+        spend: dict[str, float] = {}
+        if budgeted:
+            spend = {t: float(raw or 0) for t, raw in zip(budgeted, next(replies), strict=True)}
+        granted = {t: int(next(replies)) for t, _ in limited}
+        return Enrichment(tenants=tenants, unhealthy=unhealthy, sessions=pins, probes=probes,
+                          demoted=demoted, cached=cached, spend=spend, granted=granted)
 
-    async def pin_sessions(self, pins: dict[tuple[str, str], str], ttl_s: int) -> bool:
-        """Remember each session's model for `ttl_s`; False when Redis is unavailable."""
-        if not pins or time.monotonic() < self._skip_until:
-            return not pins
+    async def write_back(self, writes: WriteBack) -> bool:
+        """Session pins, cache entries and experiment assignments in one pipeline; False when
+        Redis is unavailable (nothing here is needed for the decisions already made)."""
+        if not writes or time.monotonic() < self._skip_until:
+            return not writes
         pipe = self._client.pipeline(transaction=False)
-        for (tenant_id, session_id), model in pins.items():
-            pipe.set(self.keys.session(tenant_id, session_id), model, ex=ttl_s)
+        for (tenant_id, session_id), model in writes.pins.items():
+            pipe.set(self.keys.session(tenant_id, session_id), model, ex=writes.pin_ttl_s)
+        for key, value in writes.cache.items():
+            pipe.set(self.keys.cache(key), value, ex=writes.cache_ttl_s)
+        for request_id, experiment, arm in writes.assignments:
+            pipe.hincrby(self.keys.experiment(experiment), f"{arm}|assigned", 1)
+            pipe.set(self.keys.experiment_request(request_id), f"{experiment}|{arm}",
+                     ex=ASSIGNMENT_TTL_S)
         try:
             await pipe.execute()
         except (RedisError, OSError) as exc:
@@ -151,3 +274,7 @@ class Enricher:
             log.warning("redis_unavailable", error=type(exc).__name__)
             return False
         return True
+
+    async def pin_sessions(self, pins: dict[tuple[str, str], str], ttl_s: int) -> bool:
+        """Remember each session's model for `ttl_s`; False when Redis is unavailable."""
+        return await self.write_back(WriteBack(pins=pins, pin_ttl_s=ttl_s))

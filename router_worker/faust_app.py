@@ -1,4 +1,4 @@
-"""Create the Faust app (exposed as `router_worker.app` for `faust -A router_worker`) and register the route agent, the sink service and web endpoints."""
+"""The Faust app (exposed as `router_worker.app`): route agent, sink service, web endpoints."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from router_worker.settings import Settings, get_settings
 log = structlog.get_logger(__name__)
 
 _PRODUCE_BACKOFF_MAX_S = 5.0
+# Route-group lag is read from the consumer's own state (no broker request), so this is cheap.
+_LAG_INTERVAL_S = 2.0
 
 
 def broker_url(settings: Settings) -> str:
@@ -117,6 +119,48 @@ async def confirm(
         await stream.ack(event)
 
 
+class BatchPump:
+    """Routes batches in a task of its own so Faust keeps filling the next batch meanwhile,
+    and keeps up to `depth` routed batches awaiting broker acknowledgement.
+
+    Faust commits only offsets below the first unacknowledged one, so confirmations may
+    finish in any order without committing past an output that is not durable yet.
+    """
+
+    def __init__(self, app: faust.App, stream: Any, runtime: RouteRuntime, depth: int) -> None:
+        self.app = app
+        self.stream = stream
+        self.runtime = runtime
+        self.depth = depth
+        self.queue: asyncio.Queue[list[Any] | None] = asyncio.Queue(maxsize=depth)
+        self.inflight: deque[asyncio.Future[None]] = deque()
+        self.worker = asyncio.ensure_future(self._work())
+
+    async def submit(self, events: list[Any]) -> None:
+        """Queue a batch; blocks (backpressure on the stream) while `depth` batches wait."""
+        if self.worker.done():
+            self.worker.result()  # re-raise what stopped the pump: never route into a void
+        await self.queue.put(events)
+
+    async def drain(self) -> None:
+        """Finish queued batches and their confirmations."""
+        if not self.worker.done():
+            await self.queue.put(None)
+        await asyncio.gather(self.worker, return_exceptions=True)
+        await asyncio.gather(*self.inflight, return_exceptions=True)
+
+    async def _work(self) -> None:
+        while (events := await self.queue.get()) is not None:
+            self.runtime.maybe_reload()
+            outgoing = await self.runtime.route([inbound_from_event(e) for e in events])
+            futures = await enqueue(self.app, outgoing)
+            self.inflight.append(
+                asyncio.ensure_future(confirm(self.app, self.stream, events, outgoing, futures))
+            )
+            while self.inflight and (self.inflight[0].done() or len(self.inflight) > self.depth):
+                await self.inflight.popleft()
+
+
 def create_app(settings: Settings) -> faust.App:
     """A Faust app wired with the route agent and, unless disabled, the sink."""
     configure_logging(settings)
@@ -135,29 +179,16 @@ def create_app(settings: Settings) -> faust.App:
     async def route(stream: Any) -> None:
         runtime = await RouteRuntime.start(settings, metrics)
         state["runtime"] = runtime
-        # Batches awaiting broker acknowledgement; the next batch is routed meanwhile. Faust
-        # commits only offsets below the first unacknowledged one, so acks may finish in any
-        # order without committing past an output that is not durable yet.
-        inflight: deque[asyncio.Task[None]] = deque()
+        pump = BatchPump(app, stream, runtime, settings.max_inflight_batches)
         try:
             async for events in stream.noack_take(
                 settings.max_batch, within=settings.max_wait_ms / 1000
             ):
-                runtime.maybe_reload()
-                batch = [inbound_from_event(e) for e in events]
-                outgoing = await runtime.route(batch)
-                futures = await enqueue(app, outgoing)
-                inflight.append(
-                    asyncio.ensure_future(confirm(app, stream, list(events), outgoing, futures))
-                )
-                while inflight and (
-                    inflight[0].done() or len(inflight) > settings.max_inflight_batches
-                ):
-                    await inflight.popleft()
+                await pump.submit(list(events))
         finally:
             # Drain on shutdown: what is acknowledged by then is committed; the rest is
             # re-read after restart (at-least-once), never skipped.
-            await asyncio.gather(*inflight, return_exceptions=True)
+            await pump.drain()
             state["runtime"] = None
             await runtime.stop()
 
@@ -165,7 +196,44 @@ def create_app(settings: Settings) -> faust.App:
         # Faust accepts a ready service instance here; its annotation only names classes.
         app.service(SinkAgent(settings, metrics))  # type: ignore[arg-type]
     _register_pages(app, metrics, state)
+    _register_lag_timer(app, metrics, settings.app_id)
     return app
+
+
+def route_lag(consumer: Any) -> dict[tuple[str, int], int]:
+    """Records behind the partition end per assigned partition, from what the consumer already
+    knows (highwater from the last fetch, committed offset): no broker round trip."""
+    lag: dict[tuple[str, int], int] = {}
+    for tp in consumer.assignment():
+        high = consumer.highwater(tp)
+        if high is None:
+            continue
+        committed = consumer._committed_offset.get(tp)
+        if committed is None:
+            read = consumer._read_offset.get(tp)
+            committed = read + 1 if read is not None else 0
+        lag[(tp.topic, tp.partition)] = max(int(high) - int(committed), 0)
+    return lag
+
+
+def _register_lag_timer(app: faust.App, metrics: Metrics, group: str) -> None:
+    reported: set[tuple[str, int]] = set()
+
+    async def observe_lag() -> None:
+        try:
+            lag = route_lag(app.consumer)
+        except Exception as exc:  # a metrics probe must never stop the worker
+            log.debug("lag_probe_failed", error=repr(exc)[:200])
+            return
+        gauge = metrics.consumer_lag
+        for topic, partition in reported - lag.keys():  # revoked: stop reporting stale lag
+            gauge.remove(group, topic, str(partition))
+        for (topic, partition), behind in lag.items():
+            gauge.labels(group, topic, str(partition)).set(behind)
+        reported.clear()
+        reported.update(lag)
+
+    app.timer(interval=_LAG_INTERVAL_S, name="route-consumer-lag")(observe_lag)
 
 
 def _register_pages(app: faust.App, metrics: Metrics, state: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -26,6 +27,8 @@ class Metrics:
     cache_hits: Counter
     cache_hit_ratio: Gauge
     model_health: Gauge
+    budget_used_ratio: Gauge
+    outcomes: Counter
     spend: Counter
     consumer_lag: Gauge
     sink_rows: Counter
@@ -34,10 +37,25 @@ class Metrics:
     classifier_info: Gauge
 
 
+def _total(counter: Counter) -> float:
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+def _hit_ratio(hits: Counter, lookups: Counter) -> Callable[[], float]:
+    def ratio() -> float:
+        total = _total(lookups)
+        return _total(hits) / total if total else 0.0
+
+    return ratio
+
+
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
-    """Build the bundle on `registry` (a fresh one by default, so tests never collide)."""
+    """Build the bundle on `registry` (a fresh one by default, so tests never collide).
+
+    `cache_hit_ratio` is computed at scrape time from `cache_hits` / `cache_lookups`:
+    the cache only increments the two counters."""
     reg = registry if registry is not None else CollectorRegistry()
-    return Metrics(
+    metrics = Metrics(
         registry=reg,
         requests=Counter(
             "router_requests_total", "Requests seen, by terminal status",
@@ -74,6 +92,14 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "router_model_health", "1 when the model is healthy, 0 when its circuit is open",
             ["model"], registry=reg,
         ),
+        budget_used_ratio=Gauge(
+            "router_budget_used_ratio", "Tenant spend today / its daily budget",
+            ["tenant"], registry=reg,
+        ),
+        outcomes=Counter(
+            "router_outcomes_total", "Outcomes recorded, by model and result",
+            ["model", "result"], registry=reg,
+        ),
         spend=Counter(
             "router_spend_usd_total", "Estimated spend routed, in USD",
             ["tenant", "model"], registry=reg,
@@ -97,3 +123,5 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             ["engine", "version"], registry=reg,
         ),
     )
+    metrics.cache_hit_ratio.set_function(_hit_ratio(metrics.cache_hits, metrics.cache_lookups))
+    return metrics

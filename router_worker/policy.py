@@ -20,6 +20,13 @@ class Context:
     tenant: TenantSpec
     unhealthy: frozenset[str] = frozenset()
     session_model: str | None = None
+    # models whose tracked performance is below the bar: tried after every other eligible one
+    demoted: frozenset[str] = frozenset()
+    # the tenant's budget is spent and it downgrades: cheapest eligible models first
+    downgrade: bool = False
+    # an experiment arm replaces the policy: its name and, for a model-list arm, the models
+    policy_override: str | None = None
+    models_override: tuple[str, ...] | None = None
 
 
 def _exclusion(
@@ -59,9 +66,11 @@ def choose_policy(category: str, complexity: str, tenant: TenantSpec, config: Ro
     return tenant.policy or config.routing[category][complexity]
 
 
-def candidate_order(policy: str, config: RoutingConfig) -> list[str]:
-    """The policy's models, then the fallback policy's, without repeats."""
-    order = list(config.policies[policy].models)
+def candidate_order(
+    policy: str, config: RoutingConfig, models: tuple[str, ...] | None = None
+) -> list[str]:
+    """The policy's (or an experiment arm's) models, then the fallback policy's, no repeats."""
+    order = list(models if models is not None else config.policies[policy].models)
     order += [m for m in config.policies[config.fallback_policy].models if m not in order]
     return order
 
@@ -78,6 +87,8 @@ class Choice:
     reason: str
     estimated_cost_usd: float
     skipped: list[tuple[str, str]]
+    # the policy's first model; differs from `model` when it was skipped or demoted
+    preferred: str = ""
 
 
 def decide(
@@ -86,10 +97,12 @@ def decide(
 ) -> Choice:
     """Pick the model and fallback chain; raises RequestRejected(no_eligible_model)."""
     category = prediction.category
-    policy = choose_policy(category, prediction.complexity, ctx.tenant, config)
+    policy = ctx.policy_override or choose_policy(
+        category, prediction.complexity, ctx.tenant, config)
     input_tokens = int(text_chars / config.estimates.chars_per_token) + 1
     output_tokens = config.estimates.output_tokens.get(prediction.complexity, 500)
-    order = candidate_order(policy, config)
+    order = candidate_order(policy if policy in config.policies else config.fallback_policy,
+                            config, ctx.models_override)
     eligible: list[str] = []
     skipped: list[tuple[str, str]] = []
     for name in order:
@@ -102,7 +115,15 @@ def decide(
     if not eligible:
         detail = "; ".join(f"{m}: {why}" for m, why in skipped)
         raise RequestRejected(ErrorCode.NO_ELIGIBLE_MODEL, f"policy {policy}: {detail}")
-    pinned = ctx.session_model in eligible
+    notes: list[str] = []
+    demoted = [m for m in eligible if m in ctx.demoted]
+    if demoted and len(demoted) < len(eligible):
+        eligible = [m for m in eligible if m not in ctx.demoted] + demoted
+        notes.append(f"demoted {', '.join(demoted)}")
+    if ctx.downgrade:
+        eligible.sort(key=lambda m: config.models[m].cost(input_tokens, output_tokens))
+        notes.append("budget exceeded: cheapest eligible first")
+    pinned = ctx.session_model in eligible and not ctx.downgrade
     if pinned and ctx.session_model is not None:
         eligible.remove(ctx.session_model)
         eligible.insert(0, ctx.session_model)
@@ -115,10 +136,12 @@ def decide(
     spec = config.models[model]
     reason = (f"{category}/{prediction.complexity} -> policy {policy}; "
               + ("session affinity; " if pinned else "")
+              + "".join(f"{note}; " for note in notes)
               + (f"skipped {', '.join(f'{m} ({w})' for m, w in skipped)}" if skipped
                  else "first choice eligible"))
     return Choice(
         model=model, provider=spec.provider, policy=policy,
         fallbacks=eligible[1:1 + MAX_FALLBACKS], alternatives=alternatives, reason=reason,
         estimated_cost_usd=round(spec.cost(input_tokens, output_tokens), 8), skipped=skipped,
+        preferred=order[0],
     )

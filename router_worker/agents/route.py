@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,14 +20,14 @@ from router_worker.enrich import Enricher, Enrichment
 from router_worker.errors import ErrorCode, RequestRejected
 from router_worker.events import RoutingRequested, utcnow
 from router_worker.metrics import Metrics
-from router_worker.policy import Choice, Context, decide
+from router_worker.policy import Choice, candidate_order, decide
 from router_worker.settings import Settings
+from router_worker.state.batch import BatchPlan
 from router_worker.validate import Inbound, Rejected, decode, identify
 
 log = structlog.get_logger(__name__)
 
 PROPAGATED_HEADERS = frozenset({"correlation_id", "traceparent", "tracestate"})
-SESSION_TTL_S = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +43,8 @@ class Outgoing:
     tenant_id: str
     # decisions_total labels (tier, model, category, policy) or failed_total's (error_code,)
     labels: tuple[str, ...]
+    cost_usd: float = 0.0  # estimated spend of a decision, summed per batch into spend_usd_total
+    fallback: tuple[str, str] | None = None  # (preferred model, chosen model) when it was skipped
 
 
 def propagate_headers(inbound: Inbound, request_id: str) -> list[tuple[str, bytes]]:
@@ -51,6 +53,13 @@ def propagate_headers(inbound: Inbound, request_id: str) -> list[tuple[str, byte
     if not any(k == "correlation_id" for k, _ in kept):
         kept.append(("correlation_id", request_id.encode()))
     return kept
+
+
+def _correlation_id(headers: list[tuple[str, bytes]]) -> str | None:
+    for key, value in headers:
+        if key == "correlation_id":
+            return value.decode("utf-8", errors="replace")
+    return None
 
 
 def _ms(start: float, end: float) -> float:
@@ -75,6 +84,7 @@ class Router:
         self.metrics = metrics
         self.completed_topic = settings.topic(topics.COMPLETED)
         self.failed_topic = settings.topic(topics.FAILED)
+        self._unhealthy_seen: frozenset[str] | None = None
 
     async def route(self, batch: Sequence[Inbound]) -> list[Outgoing]:
         """Route a batch; every input yields exactly one output record."""
@@ -85,22 +95,39 @@ class Router:
         valid = [(i, d) for i, d in enumerate(decoded) if isinstance(d, RoutingRequested)]
         requests = [d for _, d in valid]
 
-        enrichment = await self._enrich(requests)
-        enriched = time.monotonic()
         texts = [r.text() for r in requests]
-        cascade = await self.cascade.classify(texts)
+        plan = BatchPlan(self.config, requests, texts, self.cascade.version)
+        enrichment = await self._enrich(requests, plan.keys)
+        plan.use(enrichment)
+        enriched = time.monotonic()
+        # Over-rate requests fail; cache hits skip the classifier; the rest is one batch.
+        limited = [plan.over_rate(r) for r in requests]
+        known = [None if limited[i] else plan.cached(i) for i in range(len(requests))]
+        misses = [i for i in range(len(requests)) if limited[i] is None and known[i] is None]
+        cascade = await self.cascade.classify([texts[i] for i in misses])
+        predictions: list[Prediction | None] = list(known)
+        for i, fresh in zip(misses, cascade.predictions, strict=True):
+            predictions[i] = fresh
+            if not cascade.degraded:  # never cache what a degraded cascade guessed
+                plan.remember(i, fresh)
         classified = time.monotonic()
 
         out: list[Outgoing | None] = [None] * len(batch)
         for index, item in enumerate(decoded):
             if isinstance(item, Rejected):
                 out[index] = self._failed(batch[index], item, now)
-        pins: dict[tuple[str, str], str] = {}
         stage_ms = {"enrich": _ms(started, enriched), "classify": _ms(enriched, classified)}
         degraded = enrichment.degraded + cascade.degraded
-        for (index, request), text, prediction in zip(
-            valid, texts, cascade.predictions, strict=True
+        for (index, request), text, prediction, over in zip(
+            valid, texts, predictions, limited, strict=True
         ):
+            if over is not None or prediction is None:
+                rejected = Rejected(request.request_id, request.tenant_id,
+                                    over.error_code if over else ErrorCode.INTERNAL,
+                                    over.detail if over else "no prediction", None,
+                                    request.created_at)
+                out[index] = self._failed(batch[index], rejected, now)
+                continue
             out[index] = self._decide(
                 batch[index],
                 request,
@@ -110,21 +137,24 @@ class Router:
                 degraded,
                 stage_ms,
                 now,
-                pins,
+                plan,
             )
         decided = time.monotonic()
-        if pins and self.enricher is not None:
-            await self.enricher.pin_sessions(pins, SESSION_TTL_S)
+        self._observe_queue(batch, now)
+        self._observe_health(enrichment)
+        plan.observe(self.metrics)
+        if plan.writes and self.enricher is not None:
+            await self.enricher.write_back(plan.writes)
         self._observe(stage_ms, _ms(classified, decided), _ms(started, decided))
         produced = [o for o in out if o is not None]
         self._count(produced)
         return produced
 
-    async def _enrich(self, requests: list[RoutingRequested]) -> Enrichment:
+    async def _enrich(self, requests: list[RoutingRequested], keys: list[str]) -> Enrichment:
         if self.enricher is None:
             tenants = {r.tenant_id: self.config.tenant(r.tenant_id) for r in requests}
             return Enrichment(tenants=tenants, degraded=["redis"] if requests else [])
-        return await self.enricher.enrich(requests)
+        return await self.enricher.enrich(requests, keys)
 
     def _decide(
         self,
@@ -136,7 +166,7 @@ class Router:
         degraded: list[str],
         stage_ms: dict[str, float],
         now: datetime,
-        pins: dict[tuple[str, str], str],
+        plan: BatchPlan,
     ) -> Outgoing:
         if request.task_hint is not None:
             prediction = Prediction(
@@ -148,12 +178,8 @@ class Router:
                 tier=prediction.tier,
             )
         tenant = enrichment.tenants.get(request.tenant_id) or self.config.tenant(request.tenant_id)
-        ctx = Context(
-            tenant=tenant,
-            unhealthy=enrichment.unhealthy,
-            session_model=enrichment.session_model(request),
-        )
         try:
+            ctx, assignment = plan.context(request, prediction.category, tenant)
             choice = decide(request, prediction, ctx, self.config, text_chars)
         except RequestRejected as exc:
             rejected = Rejected(
@@ -165,8 +191,7 @@ class Router:
                 request.created_at,
             )
             return self._failed(inbound, rejected, now)
-        if request.session_id is not None:
-            pins[(request.tenant_id, request.session_id)] = choice.model
+        plan.chosen(request, choice, assignment)
         queue_ms = max(0.0, now.timestamp() * 1000 - inbound.timestamp_ms)
         return self._completed(
             inbound,
@@ -211,16 +236,38 @@ class Router:
             "created_at": request.created_at,
             "decided_at": now,
         }
+        headers = propagate_headers(inbound, request.request_id)
+        # debug: a line per request is too much at info; filtered calls cost next to nothing
+        log.debug(
+            "request_decided",
+            request_id=request.request_id,
+            correlation_id=_correlation_id(headers),
+            tenant_id=request.tenant_id,
+            model=choice.model,
+            tier=prediction.tier.value,
+            policy=choice.policy,
+        )
         return Outgoing(
             self.completed_topic,
             request.request_id.encode(),
             orjson.dumps(event),
-            propagate_headers(inbound, request.request_id),
+            headers,
             request.request_id,
             "completed",
             request.tenant_id,
             (prediction.tier.value, choice.model, prediction.category, choice.policy),
+            choice.estimated_cost_usd,
+            self._fallback(choice),
         )
+
+    def _fallback(self, choice: Choice) -> tuple[str, str] | None:
+        """(preferred, chosen) when the policy's first model was filtered out."""
+        if not choice.skipped:
+            return None
+        preferred = choice.preferred or candidate_order(choice.policy, self.config)[0]
+        if preferred == choice.model or preferred not in {m for m, _ in choice.skipped}:
+            return None
+        return (preferred, choice.model)
 
     def _failed(self, inbound: Inbound, rejected: Rejected, now: datetime) -> Outgoing:
         event = {
@@ -232,9 +279,11 @@ class Router:
             "created_at": rejected.created_at,
             "failed_at": now,
         }
+        headers = propagate_headers(inbound, rejected.request_id)
         log.info(
             "request_failed",
             request_id=rejected.request_id,
+            correlation_id=_correlation_id(headers),
             tenant_id=rejected.tenant_id,
             error_code=rejected.error_code.value,
         )
@@ -242,7 +291,7 @@ class Router:
             self.failed_topic,
             rejected.request_id.encode(),
             orjson.dumps(event),
-            propagate_headers(inbound, rejected.request_id),
+            headers,
             rejected.request_id,
             "failed",
             rejected.tenant_id or "unknown",
@@ -257,6 +306,22 @@ class Router:
             self._failed(i, Rejected(identify(i), None, ErrorCode.INTERNAL, detail, None), now)
             for i in batch
         ]
+
+    def _observe_queue(self, batch: Sequence[Inbound], now: datetime) -> None:
+        # One observation per batch: the oldest record's wait, so p99 shows the worst case
+        # without a per-request histogram call on the hot path.
+        stamps = [i.timestamp_ms for i in batch if i.timestamp_ms > 0]
+        if stamps:
+            queue_ms = max(0.0, now.timestamp() * 1000 - min(stamps))
+            self.metrics.stage_latency.labels("queue").observe(queue_ms)
+
+    def _observe_health(self, enrichment: Enrichment) -> None:
+        # Health is only known when Redis answered; set the gauges only when it changes.
+        if "redis" in enrichment.degraded or enrichment.unhealthy == self._unhealthy_seen:
+            return
+        self._unhealthy_seen = enrichment.unhealthy
+        for model in self.config.models:
+            self.metrics.model_health.labels(model).set(0 if model in enrichment.unhealthy else 1)
 
     def _observe(self, stage_ms: dict[str, float], decide_ms: float, total_ms: float) -> None:
         latency = self.metrics.stage_latency
@@ -276,3 +341,14 @@ class Router:
         for (status, values), n in labels.items():
             counter = self.metrics.decisions if status == "completed" else self.metrics.failed
             counter.labels(*values).inc(n)
+        spend: defaultdict[tuple[str, str], float] = defaultdict(float)
+        fallbacks: Counter[tuple[str, str]] = Counter()
+        for o in outgoing:
+            if o.status == "completed":
+                spend[(o.tenant_id, o.labels[1])] += o.cost_usd
+                if o.fallback is not None:
+                    fallbacks[o.fallback] += 1
+        for (tenant, model), usd in spend.items():
+            self.metrics.spend.labels(tenant, model).inc(usd)
+        for (preferred, chosen), n in fallbacks.items():
+            self.metrics.fallback.labels(preferred, chosen).inc(n)

@@ -32,6 +32,12 @@ BIGRAM_BUCKETS = 1 << 18
 MAX_TOKENS = 512
 _MAX_CHARS = MAX_TOKENS * 8
 _BIGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)
+# Character n-grams carry what word pieces miss: typos, code symbols, CJK and Cyrillic text.
+CHAR_BUCKETS = 1 << 18
+CHAR_NGRAMS = (2, 3, 4)
+# Intent is stated early; a bounded prefix keeps the n-gram cost flat for long prompts.
+CHAR_LIMIT = 1024
+_CHAR_PRIME = np.uint64(1_000_003)
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -66,6 +72,41 @@ def segment_sum(values: F32, owner: I64, n: int) -> F32:
     return sums
 
 
+def _inv_sqrt(counts: F32) -> F32:
+    return (1.0 / np.sqrt(np.maximum(counts, 1.0))).astype(np.float32)
+
+
+def char_ngrams(texts: Sequence[str], offset: int) -> list[tuple[I64, I64, F32]]:
+    """Hashed lower-cased character n-grams of every text, as bag parts, without a text loop.
+
+    All texts are joined with NUL and hashed as one code-point array; windows that cross a
+    NUL are dropped, and the count of NULs before a window names its text.
+    """
+    n = len(texts)
+    joined = "\0".join(t[:CHAR_LIMIT] for t in texts)
+    if joined.count("\0") != n - 1:  # a text held NULs itself: blank them so owners stay right
+        joined = "\0".join(t[:CHAR_LIMIT].replace("\0", " ") for t in texts)
+    codes = np.frombuffer(joined.lower().encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    sep = codes == 0
+    before = np.cumsum(sep)
+    parts: list[tuple[I64, I64]] = []
+    for size in CHAR_NGRAMS:
+        m = codes.shape[0] - size + 1
+        if m <= 0:
+            continue
+        h = codes[:m].copy()
+        for k in range(1, size):
+            h = h * _CHAR_PRIME + codes[k : k + m]
+        valid = (before[size - 1 : size - 1 + m] == before[:m]) & ~sep[:m]
+        buckets = ((h[valid] * _BIGRAM_MULT) >> np.uint64(46)).astype(np.int64) % CHAR_BUCKETS
+        parts.append((buckets + offset, before[:m][valid].astype(np.int64)))
+    total = np.zeros(n, dtype=np.float32)
+    for _, owner in parts:
+        total += np.bincount(owner, minlength=n).astype(np.float32)
+    scale = _inv_sqrt(total)
+    return [(idx, owner, scale) for idx, owner in parts]
+
+
 def hash_dir(path: Path) -> str:
     """sha256 of a static model's weights and tokenizer: ties an artifact to its encoder."""
     digest = hashlib.sha256()
@@ -79,11 +120,10 @@ def hash_dir(path: Path) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Features:
-    """A batch's features: dense block plus a sparse bag given as (index, owner) groups."""
+    """A batch's features: a dense block plus sparse bag parts (column, owning text, scale)."""
 
     dense: F32
-    bag: tuple[tuple[I64, I64], ...]
-    bag_scale: F32
+    bag: tuple[tuple[I64, I64, F32], ...]
     bag_width: int
 
     @property
@@ -114,8 +154,8 @@ class StaticEncoder:
         self.model_dir = model_dir
 
     def bag_size(self) -> int:
-        """Columns of the sparse bag: one per vocabulary token plus the bigram buckets."""
-        return self.vocab_size + BIGRAM_BUCKETS
+        """Bag columns: one per vocabulary token, then token-bigram and char-n-gram buckets."""
+        return self.vocab_size + BIGRAM_BUCKETS + CHAR_BUCKETS
 
     def token_ids(self, texts: Sequence[str]) -> tuple[I64, I64]:
         """Flat token ids and the text each belongs to (unknown tokens dropped), in one batch."""
@@ -147,10 +187,11 @@ class StaticEncoder:
         buckets = ((pair * _BIGRAM_MULT) >> np.uint64(46)).astype(np.int64) % BIGRAM_BUCKETS
         bigram_owner = owner[:-1][same]
         n_feats = counts + np.bincount(bigram_owner, minlength=n).astype(np.float32)
-        scale = (1.0 / np.sqrt(np.maximum(n_feats, 1.0))).astype(np.float32)
+        scale = _inv_sqrt(n_feats)
         dense = np.hstack([pooled, stats]).astype(np.float32)
-        bag = ((ids, owner), (buckets + self.vocab_size, bigram_owner))
-        return Features(dense=dense, bag=bag, bag_scale=scale, bag_width=self.bag_size())
+        char_parts = char_ngrams(texts, self.vocab_size + BIGRAM_BUCKETS)
+        bag = ((ids, owner, scale), (buckets + self.vocab_size, bigram_owner, scale), *char_parts)
+        return Features(dense=dense, bag=bag, bag_width=self.bag_size())
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +237,8 @@ class LinearHead:
         """Category logits then complexity logits, side by side."""
         out = ((dense - self.mean) / self.std) @ self.w_dense + self.bias
         if feats is not None and self.w_bag is not None:
-            for idx, owner in feats.bag:
-                out += segment_sum(self.w_bag[idx], owner, feats.n) * feats.bag_scale[:, None]
+            for idx, owner, scale in feats.bag:
+                out += segment_sum(self.w_bag[idx], owner, feats.n) * scale[:, None]
         return out.astype(np.float32, copy=False)
 
     def probabilities(self, dense: F32, feats: Features | None = None) -> tuple[F64, F64]:

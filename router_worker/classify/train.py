@@ -39,8 +39,8 @@ from router_worker.events import CATEGORIES, COMPLEXITIES
 log = structlog.get_logger(__name__)
 
 # Regularisation and dense-block weight are chosen on validation only (never test or holdout).
-C_GRID = (1.0, 4.0, 16.0)
-DENSE_SCALE_GRID = (0.3, 1.0)
+C_GRID = (4.0, 16.0)
+DENSE_SCALE_GRID = (0.03, 0.1)
 ENCODER_THRESHOLD = 0.5
 
 
@@ -68,9 +68,10 @@ def _design(dense: F32, feats: Features | None, mean: F32, std: F32, scale: floa
     if feats is None:
         return block
     n, width = feats.n, feats.bag_width
-    rows = np.concatenate([owner for _, owner in feats.bag])
-    cols = np.concatenate([idx for idx, _ in feats.bag])
-    bag = sparse.csr_matrix((feats.bag_scale[rows], (rows, cols)), shape=(n, width))
+    rows = np.concatenate([owner for _, owner, _ in feats.bag])
+    cols = np.concatenate([idx for idx, _, _ in feats.bag])
+    values = np.concatenate([scale[owner] for _, owner, scale in feats.bag])
+    bag = sparse.csr_matrix((values, (rows, cols)), shape=(n, width))
     return sparse.hstack([sparse.csr_matrix(block), bag], format="csr")
 
 

@@ -153,3 +153,18 @@ async def test_redis_unreachable_still_decides_and_marks_degraded(
         worker.stop()
     assert count == 20
     assert all(r["status"] == "completed" and "redis" in r["degraded"] for r in rows)
+
+
+async def test_faust_cli_runs_the_worker_with_only_router_settings(
+    isolated: dict[str, str], workdir: Path,
+) -> None:
+    worker = WorkerProcess(isolated, workdir, "faust", via_faust=True).start()
+    try:
+        await worker.wait_ready()
+        await _publish(isolated, 10, 2)
+        settings = settings_from(isolated)
+        count = await wait_rows(settings.database_url.get_secret_value(),
+                                settings.database_schema, 12)
+    finally:
+        worker.stop()
+    assert count == 12, worker.tail()

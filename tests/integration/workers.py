@@ -19,18 +19,26 @@ from router_worker.embedded import free_port
 class WorkerProcess:
     """One `router-worker worker` subprocess with its own web port and log file."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, name: str = "worker") -> None:
+    def __init__(
+        self, env: dict[str, str], workdir: Path, name: str = "worker",
+        via_faust: bool = False,
+    ) -> None:
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.workdir = workdir
         self.name = name
         self.port = free_port()
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        # `faust -A router_worker worker` must work exactly like `router-worker worker`
+        self.program = (
+            [sys.executable, "-m", "faust", "-A", "router_worker"] if via_faust
+            else [sys.executable, "-m", "router_worker"]
+        )
 
     def start(self) -> WorkerProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "router_worker", "--datadir",
+                [*self.program, "--datadir",
                  str(self.workdir / f"{self.name}-data"), "worker", "--web-port", str(self.port),
                  "-l", "warn"],
                 env=self.env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
