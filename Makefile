@@ -10,7 +10,7 @@ CORPUS := $(wildcard data/prompts/*.jsonl)
 PYTEST_ARGS ?=
 
 .PHONY: help venv model artifact run demo test test-unit lint typecheck schemas bench \
-	bench-classifier clean distclean
+	bench-classifier docs clean distclean
 
 help:
 	@echo "make run    - set up, start embedded broker/Redis/Postgres, a worker and the demo (Ctrl-C stops)"
@@ -60,6 +60,10 @@ typecheck: $(INSTALLED)
 
 schemas: $(INSTALLED)
 	$(BIN)/python -m router_worker.events schemas
+
+# docs/configuration.md, events.md, metrics.md from Settings, the config models, schemas/, metrics
+docs: $(INSTALLED)
+	$(BIN)/python scripts/gen_docs.py
 
 bench: $(INSTALLED) $(ARTIFACT)
 	$(BIN)/python scripts/bench_pipeline.py --requests 20000

@@ -14,6 +14,7 @@ _COMMAND_MODULES = (
     "router_worker.commands.bench",
     "router_worker.commands.sink",
     "router_worker.commands.classifier",
+    "router_worker.commands.stats",
 )
 
 

@@ -177,7 +177,22 @@ class RoutingOutcome(_Event):
     cost_usd: float = Field(0.0, ge=0)
     category: Category | None = None
     label: Category | None = None
+    policy: str | None = Field(None, max_length=256, description="the decision's policy, echoed")
     reported_at: datetime | None = None
+
+
+class RoutingAlert(_Event):
+    """`routing.alerts.v1`: something an operator should know, raised once per window."""
+
+    alert_id: str = Field(description="stable per kind, subject and window: dedupe key")
+    kind: Literal["budget_warning", "budget_exceeded"]
+    tenant_id: str
+    window: Literal["daily", "weekly", "monthly"]
+    window_id: str
+    spend_usd: float = Field(ge=0)
+    budget_usd: float = Field(ge=0)
+    ratio: float = Field(ge=0)
+    raised_at: datetime
 
 
 EVENT_MODELS: dict[str, type[BaseModel]] = {
@@ -185,6 +200,7 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
     "routing.completed.v1": RoutingCompleted,
     "routing.failed.v1": RoutingFailed,
     "routing.outcome.v1": RoutingOutcome,
+    "routing.alerts.v1": RoutingAlert,
 }
 
 Status = Literal["completed", "failed"]

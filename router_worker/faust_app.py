@@ -13,6 +13,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router_worker import topics
+from router_worker.agents.outcome import consume_outcomes
 from router_worker.agents.route import Outgoing
 from router_worker.agents.runtime import RouteRuntime, inbound_from_event
 from router_worker.agents.sink import SinkAgent
@@ -192,6 +193,18 @@ def create_app(settings: Settings) -> faust.App:
             state["runtime"] = None
             await runtime.stop()
 
+    if settings.run_outcomes:
+        outcomes = app.topic(
+            settings.topic(topics.OUTCOME),
+            key_type=bytes,
+            value_type=bytes,
+            partitions=settings.topic_partitions,
+        )
+
+        @app.agent(outcomes, name="outcome")
+        async def outcome(stream: Any) -> None:
+            await consume_outcomes(stream, settings, metrics, lambda out: deliver(app, out))
+
     if settings.run_sink:
         # Faust accepts a ready service instance here; its annotation only names classes.
         app.service(SinkAgent(settings, metrics))  # type: ignore[arg-type]
@@ -200,11 +213,14 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
-def route_lag(consumer: Any) -> dict[tuple[str, int], int]:
+def route_lag(consumer: Any, internal_prefix: str) -> dict[tuple[str, int], int]:
     """Records behind the partition end per assigned partition, from what the consumer already
-    knows (highwater from the last fetch, committed offset): no broker round trip."""
+    knows (highwater from the last fetch, committed offset): no broker round trip. Faust's own
+    topics (`<app id>-...`, e.g. the assignor's leader topic) are left out."""
     lag: dict[tuple[str, int], int] = {}
     for tp in consumer.assignment():
+        if tp.topic.startswith(internal_prefix):
+            continue
         high = consumer.highwater(tp)
         if high is None:
             continue
@@ -221,7 +237,7 @@ def _register_lag_timer(app: faust.App, metrics: Metrics, group: str) -> None:
 
     async def observe_lag() -> None:
         try:
-            lag = route_lag(app.consumer)
+            lag = route_lag(app.consumer, f"{group}-")
         except Exception as exc:  # a metrics probe must never stop the worker
             log.debug("lag_probe_failed", error=repr(exc)[:200])
             return

@@ -35,11 +35,19 @@ class Settings(BaseSettings):
     topic_prefix: str = Field("", description="prefix prepended to every topic name (isolation)")
 
     # --- Kafka security (production) -----------------------------------------------------
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_cafile: Path | None = None
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol (SASL_SSL for SASL over TLS)"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism when the protocol is SASL_*"
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user name")
+    kafka_sasl_password: SecretStr | None = Field(
+        None, description="SASL password (a secret: never printed)"
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        None, description="CA bundle that signed the brokers' certificates (default: system CAs)"
+    )
 
     # --- the app and its consumer groups ---------------------------------------------------
     app_id: str = Field("router-worker", description="Faust app id = the route consumer group")
@@ -80,13 +88,20 @@ class Settings(BaseSettings):
 
     # --- sink ----------------------------------------------------------------------------------
     run_sink: bool = Field(True, description="run the Postgres sink inside the worker process")
+    run_outcomes: bool = Field(
+        True, description="run the outcome agent (health, performance, spend, experiments)"
+    )
     sink_group: str = Field("router-worker-sink", description="consumer group of the sink agent")
     sink_max_batch: int = Field(1000, ge=1, description="largest batch of rows per write")
     sink_max_wait_ms: float = Field(50.0, gt=0, description="longest wait to fill a sink batch")
 
     # --- logs ----------------------------------------------------------------------------------
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="lowest level logged; debug adds one line per decision"
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="json, console (pretty), or auto: json unless stderr is a terminal"
+    )
     log_prompts: bool = Field(False, description="log prompt text (off: hash and length only)")
 
     def topic(self, name: str) -> str:

@@ -14,6 +14,7 @@ REQUESTED = "routing.requested.v1"
 COMPLETED = "routing.completed.v1"
 FAILED = "routing.failed.v1"
 OUTCOME = "routing.outcome.v1"
+ALERTS = "routing.alerts.v1"
 
 TOPICS_DIR = Path(__file__).resolve().parent.parent / "topics"
 

@@ -141,7 +141,8 @@ class Router:
             )
         decided = time.monotonic()
         self._observe_queue(batch, now)
-        self._observe_health(enrichment)
+        if valid:  # a batch of only bad records never asked Redis: health is unknown
+            self._observe_health(enrichment)
         plan.observe(self.metrics)
         if plan.writes and self.enricher is not None:
             await self.enricher.write_back(plan.writes)

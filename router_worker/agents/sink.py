@@ -16,6 +16,7 @@ from router_worker.errors import DependencyUnavailable
 from router_worker.kafka import consumer_options
 from router_worker.metrics import Metrics
 from router_worker.settings import Settings
+from router_worker.store.outcomes import outcome_row
 from router_worker.store.postgres import EventWriter, Source, row_from_event
 
 log = structlog.get_logger(__name__)
@@ -30,12 +31,29 @@ def rows_from_records(
     """Rows for every well-formed record; a foreign, malformed record is logged and skipped."""
     rows = []
     for record in records:
+        if record.topic not in status_of:
+            continue
         try:
             event = orjson.loads(record.value or b"")
             rows.append(row_from_event(status_of[record.topic], event,
                                        Source(record.topic, record.partition, record.offset)))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             log.error("sink_record_malformed", topic=record.topic, partition=record.partition,
+                      offset=record.offset, error=repr(exc)[:200])
+    return rows
+
+
+def outcome_rows(records: list[ConsumerRecord[bytes, bytes]], topic: str) -> list[tuple[Any, ...]]:
+    """`routing_outcomes` rows for the outcome records; malformed ones are logged and skipped."""
+    rows = []
+    for record in records:
+        if record.topic != topic:
+            continue
+        try:
+            rows.append(outcome_row(orjson.loads(record.value or b""), record.topic,
+                                    record.partition, record.offset))
+        except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+            log.error("sink_outcome_malformed", topic=record.topic, partition=record.partition,
                       offset=record.offset, error=repr(exc)[:200])
     return rows
 
@@ -50,13 +68,14 @@ class SinkAgent(Service):
                                   settings.database_schema)
         self.status_of = {settings.topic(topics.COMPLETED): "completed",
                           settings.topic(topics.FAILED): "failed"}
+        self.outcome_topic = settings.topic(topics.OUTCOME)
         self.consumer: AIOKafkaConsumer | None = None
         self.rows_written = 0
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
         self.consumer = AIOKafkaConsumer(
-            *self.status_of, **consumer_options(self.settings),
+            *self.status_of, self.outcome_topic, **consumer_options(self.settings),
             group_id=self.settings.sink_group, enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=int(self.settings.session_timeout_s * 1000),
@@ -93,12 +112,14 @@ class SinkAgent(Service):
 
     async def _write_until_durable(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         rows = rows_from_records(records, self.status_of)
+        outcomes = outcome_rows(records, self.outcome_topic)
         self.metrics.batch_size.labels("sink").observe(len(rows))
         self.metrics.sink_lag.set(len(records))
         delay = _BACKOFF_START_S
         while True:
             try:
                 await self.writer.write(rows)
+                await self.writer.write_outcomes(outcomes)
                 break
             except DependencyUnavailable as exc:
                 # Offsets stay uncommitted while Postgres is down, so nothing is lost; the
@@ -112,6 +133,8 @@ class SinkAgent(Service):
         self.rows_written += len(rows)
         for row in rows:
             self.metrics.sink_rows.labels(row[1]).inc()
+        if outcomes:
+            self.metrics.sink_rows.labels("outcome").inc(len(outcomes))
         self.metrics.sink_lag.set(0)
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:

@@ -244,16 +244,15 @@ def train(
     )
     arrays = head.to_arrays("")
     engine = CpuEngine(Artifact(out / version, meta, arrays), encoder)
-    eval_sets = {
-        "validation": parts["validation"],
-        "test": parts["test"],
-        "holdout": holdout_records,
-    }
+    # Validation is reported from the train-only fits that chose the hyper-parameters: the
+    # final head was refit on train+validation, so scoring it there would flatter it.
+    eval_sets = {"test": parts["test"], "holdout": holdout_records}
     metrics: dict[str, Any] = {
         name: _summary(prediction_metrics(rs, engine.classify([r.prompt for r in rs])))
         for name, rs in eval_sets.items()
         if rs
     }
+    metrics["validation"] = {"n": len(parts["validation"]), **params["validation_selection"]}
     metrics["counts"] = {name: len(rs) for name, rs in parts.items()}
     metrics["counts"]["holdout"] = len(holdout_records)
     extra: dict[str, dict[str, npt.NDArray[Any]]] = {}

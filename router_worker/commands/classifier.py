@@ -111,7 +111,7 @@ def train_command(
         if isinstance(m, dict) and "macro_f1" in m:
             click.echo(
                 f"  {name:<10} n={m['n']:<5} macro_f1={m['macro_f1']:.4f} "
-                f"accuracy={m['accuracy']:.4f} complexity_accuracy={m['complexity_accuracy']:.4f}"
+                f"complexity_accuracy={m['complexity_accuracy']:.4f}"
             )
     for name, m in result.meta.metrics.get("encoder", {}).items():
         if isinstance(m, dict) and "macro_f1" in m:

@@ -11,6 +11,7 @@ import orjson
 
 from router_worker.errors import DependencyUnavailable
 from router_worker.store.migrate import quote_ident
+from router_worker.store.outcomes import UPSERT_SQL
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("request_id", "text"), ("status", "text"), ("tenant_id", "text"), ("model", "text"),
@@ -106,6 +107,21 @@ class EventWriter:
         columns = [list(col) for col in zip(*unique, strict=True)]
         try:
             status = await self._pool.execute(INSERT_SQL, *columns)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise DependencyUnavailable(f"Postgres write failed: {exc}") from exc
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def write_outcomes(self, rows: list[tuple[Any, ...]]) -> int:
+        """Upsert `routing_outcomes` rows (one per request_id). Returns rows written."""
+        if not rows:
+            return 0
+        if self._pool is None:
+            await self.start()
+        assert self._pool is not None
+        unique = list({row[0]: row for row in rows}.values())  # the latest outcome wins
+        columns = [list(col) for col in zip(*unique, strict=True)]
+        try:
+            status = await self._pool.execute(UPSERT_SQL, *columns)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise DependencyUnavailable(f"Postgres write failed: {exc}") from exc
         return int(status.rsplit(" ", 1)[-1])

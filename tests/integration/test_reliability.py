@@ -373,6 +373,7 @@ async def test_redis_outage_degrades_decisions_and_recovers_without_restart(
             await worker.wait_ready()
             publisher = asyncio.create_task(publish(settings, ids, rate_per_s=300))
             await asyncio.sleep(3)
+            stopping_at = time.time()
             await stack.stop()
             stopped_at = time.time()
             await asyncio.sleep(outage_s)
@@ -383,12 +384,13 @@ async def test_redis_outage_degrades_decisions_and_recovers_without_restart(
             assert await ready(worker), worker.tail()
         assert_one_row_each(rows, set(ids))
         decided = await decisions_by_time(settings, set(ids))
-    before = [d for t, d in decided if t < stopped_at]
+    before = [d for t, d in decided if t < stopping_at]
     during = [d for t, d in decided if stopped_at + 0.5 < t < restarted_at]
     after = [(t, d) for t, d in decided if t > restarted_at]
     recovered = next((t for t, d in after if not d), None)
     late = [d for t, d in after if recovered is not None and t > recovered]
-    report("redis-outage", outage_s=outage_s, before=len(before),
+    report("redis-outage", outage_s=outage_s, stop_took_s=round(stopped_at - stopping_at, 2),
+           before=len(before),
            before_degraded=sum(before), during=len(during), during_degraded=sum(during),
            after=len(after), after_degraded=sum(d for _, d in after),
            recovery_s=None if recovered is None else round(recovered - restarted_at, 2),

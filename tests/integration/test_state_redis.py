@@ -1,0 +1,207 @@
+"""The learned state on a real Redis: one round trip per batch, Lua agreeing with Python,
+and the outcome recorder's breaker, performance, spend, experiment and alert updates."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+
+from router_worker.agents.outcome import OutcomeRecorder
+from router_worker.agents.route import Router
+from router_worker.classify.cascade import Cascade
+from router_worker.classify.keyword import keyword_engine_from_config
+from router_worker.config import RoutingConfig
+from router_worker.enrich import Enricher, Keys
+from router_worker.events import RoutingRequested
+from router_worker.metrics import create_metrics
+from router_worker.state.health import open_value
+from router_worker.state.perf import PERF_SCRIPT, ewma
+from router_worker.state.ratelimit import BUCKET_SCRIPT, take
+from router_worker.validate import Inbound
+from tests.conftest import settings_from
+from tests.integration.configs import config_with
+
+pytestmark = pytest.mark.integration
+
+
+class RoundTrips:
+    """Counts pipelines executed and commands sent outside a pipeline."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.pipelines = 0
+        self.direct = 0
+        original_execute = Pipeline.execute
+        original_command = aioredis.Redis.execute_command
+
+        async def execute(pipe: Pipeline, *args: Any, **kwargs: Any) -> Any:
+            self.pipelines += 1
+            return await original_execute(pipe, *args, **kwargs)
+
+        async def command(client: aioredis.Redis, *args: Any, **kwargs: Any) -> Any:
+            if not isinstance(client, Pipeline):
+                self.direct += 1
+            return await original_command(client, *args, **kwargs)
+
+        monkeypatch.setattr(Pipeline, "execute", execute)
+        monkeypatch.setattr(aioredis.Redis, "execute_command", command)
+
+    def reset(self) -> None:
+        self.pipelines = self.direct = 0
+
+
+@pytest.fixture
+async def redis_client(isolated: dict[str, str]) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(settings_from(isolated).redis_url.get_secret_value())
+    yield client
+    await client.aclose()
+
+
+def _inbound(body: dict[str, Any], offset: int) -> Inbound:
+    return Inbound(orjson.dumps(body), str(body["request_id"]).encode(), (), "t", 0, offset,
+                   time.time() * 1000)
+
+
+def _router(env: dict[str, str], config: RoutingConfig) -> tuple[Router, Enricher]:
+    settings = settings_from(env)
+    enricher = Enricher(settings.redis_url.get_secret_value(), settings.redis_prefix, config)
+    cascade = Cascade(None, keyword_engine_from_config(config), config.thresholds)
+    return Router(settings, config, cascade, enricher, create_metrics()), enricher
+
+
+async def test_a_batch_with_every_feature_costs_one_read_and_one_write_round_trip(
+    isolated: dict[str, str], tmp_path: Path, redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = config_with(tmp_path)
+    router, enricher = _router(isolated, config)
+    keys = Keys(settings_from(isolated).redis_prefix)
+    now = time.time()
+    await redis_client.hset(keys.health(), mapping={
+        "o3": open_value(now - 100, config.health),  # cooldown over: half-open
+        "gpt-4.1": open_value(now, config.health)})
+    await redis_client.hset(keys.demoted(), "claude-sonnet-4", "success 0.10 < 0.80")
+    tenants = ["default", "spendy", "limited", "lab"]
+    batch = [_inbound({"request_id": f"r{i}", "tenant_id": tenants[i % 4],
+                       "session_id": f"s{i % 7}", "prompt": f"Write a python function {i % 5}"},
+                      i) for i in range(40)]
+    batch.append(Inbound(b"{bad", b"bad", (), "t", 0, 99, 0.0))
+    counter = RoundTrips(monkeypatch)
+    try:
+        first = await router.route(batch)
+        assert (counter.pipelines, counter.direct) == (2, 0)  # enrich + write-back
+        counter.reset()
+        second = await router.route(batch)
+        assert (counter.pipelines, counter.direct) == (2, 0)
+    finally:
+        await enricher.stop()
+    assert len(first) == len(second) == 41
+    tiers = [orjson.loads(o.value)["decision"]["tier"] for o in second if o.status == "completed"]
+    assert len(tiers) == 40 - 10  # all but `limited`'s requests
+    assert set(tiers) == {"cache"}, tiers
+    limited = [o for o in first + second if o.labels == ("rate_limited",)]
+    assert len(limited) == 20 - 3  # 10 requests of `limited` per batch, burst 3
+
+
+async def test_half_open_probe_lets_exactly_one_request_through_across_workers(
+    isolated: dict[str, str], tmp_path: Path, redis_client: aioredis.Redis,
+) -> None:
+    config = config_with(tmp_path)
+    settings = settings_from(isolated)
+    keys = Keys(settings.redis_prefix)
+    await redis_client.hset(keys.health(), "gpt-4o-mini", open_value(time.time() - 100,
+                                                                     config.health))
+    requests = [RoutingRequested(request_id="r", prompt="hi")]
+    enrichers = [Enricher(settings.redis_url.get_secret_value(), settings.redis_prefix, config)
+                 for _ in range(3)]
+    try:
+        results = [await e.enrich(requests) for e in enrichers]
+    finally:
+        for e in enrichers:
+            await e.stop()
+    assert sum("gpt-4o-mini" in r.probes for r in results) == 1
+    assert sum("gpt-4o-mini" in r.unhealthy for r in results) == 2
+
+
+async def test_lua_token_bucket_and_ewma_agree_with_the_python_model(
+    isolated: dict[str, str], redis_client: aioredis.Redis,
+) -> None:
+    keys = Keys(settings_from(isolated).redis_prefix)
+    state: tuple[float | None, float | None] = (None, None)
+    for now_ms, n in [(1_000, 8), (1_500, 3), (4_000, 10), (4_000, 1)]:
+        granted_lua = await redis_client.eval(BUCKET_SCRIPT, 1, keys.bucket("x"), 2.0, 5,
+                                              now_ms, n)  # type: ignore[misc]
+        granted, tokens, ts = take(state[0], state[1], now_ms, 2.0, 5, n)
+        state = (tokens, ts)
+        assert granted_lua == granted
+    reply = await redis_client.eval(PERF_SCRIPT, 1, keys.perf(), 0.1, "m", 4, 0.5, 200.0,
+                                    )  # type: ignore[misc]
+    reply = await redis_client.eval(PERF_SCRIPT, 1, keys.perf(), 0.1, "m", 3, 1.0, 100.0,
+                                    )  # type: ignore[misc]
+    assert int(reply[0]) == 7
+    assert float(reply[1]) == pytest.approx(ewma(0.5, 1.0, 3, 0.1))
+    assert float(reply[2]) == pytest.approx(ewma(200.0, 100.0, 3, 0.1))
+
+
+def _outcome(rid: str, model: str, success: bool, **fields: Any) -> Inbound:
+    body = {"request_id": rid, "model": model, "success": success, "latency_ms": 100.0, **fields}
+    return _inbound(body, 0)
+
+
+async def test_outcomes_open_the_breaker_track_spend_and_alert_once_per_window(
+    isolated: dict[str, str], tmp_path: Path, redis_client: aioredis.Redis,
+) -> None:
+    config = config_with(tmp_path)
+    settings = settings_from(isolated)
+    keys = Keys(settings.redis_prefix)
+    recorder = OutcomeRecorder(settings, config, create_metrics())
+    try:
+        failures = [_outcome(f"f{i}", "o3", False) for i in range(4)]
+        assert await recorder.record(failures + failures) == []  # redelivery counts once
+        assert await redis_client.hget(keys.health(), "o3") is None
+        await recorder.record([_outcome("f9", "o3", False)])
+        assert (await redis_client.hget(keys.health(), "o3") or b"").startswith(b"open:")
+
+        alerts = await recorder.record([_outcome("c1", "gpt-4.1", True, tenant_id="spendy",
+                                                 cost_usd=0.85, policy="normal")])
+        assert [orjson.loads(a.value)["kind"] for a in alerts] == ["budget_warning"]
+        again = await recorder.record([_outcome("c2", "gpt-4.1", True, tenant_id="spendy",
+                                                cost_usd=0.01)])
+        assert again == []  # once per window
+        over = await recorder.record([_outcome("c3", "gpt-4.1", True, tenant_id="spendy",
+                                               cost_usd=0.5)])
+        assert [orjson.loads(a.value)["kind"] for a in over] == ["budget_exceeded"]
+        spend_keys = [k async for k in redis_client.scan_iter(match=f"{keys.prefix}spend:*")]
+        kinds = {k.decode().removeprefix(keys.prefix).split(":")[1] for k in spend_keys}
+        assert kinds == {"t", "m", "p"}
+        assert len(spend_keys) == 9  # tenant, model, policy x day, week, month
+    finally:
+        await recorder.stop()
+
+
+async def test_bad_performance_demotes_and_recovery_promotes(
+    isolated: dict[str, str], tmp_path: Path, redis_client: aioredis.Redis,
+) -> None:
+    config = config_with(tmp_path, performance={"min_samples": 5, "min_success_rate": 0.8,
+                                                "alpha": 0.3})
+    settings = settings_from(isolated)
+    keys = Keys(settings.redis_prefix)
+    recorder = OutcomeRecorder(settings, config, create_metrics())
+    try:
+        # successes and failures interleaved, so the breaker stays closed (4 < 5 in the window)
+        await recorder.record([_outcome(f"a{i}", "gemini-2.5-flash", i % 2 == 0,
+                                        category="chat") for i in range(8)])
+        demoted = await redis_client.hgetall(keys.demoted())
+        assert b"gemini-2.5-flash" in demoted
+        assert b"gemini-2.5-flash@chat" in demoted
+        await recorder.record([_outcome(f"b{i}", "gemini-2.5-flash", True) for i in range(20)])
+        demoted = await redis_client.hgetall(keys.demoted())
+        assert b"gemini-2.5-flash" not in demoted
+    finally:
+        await recorder.stop()

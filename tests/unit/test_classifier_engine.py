@@ -1,0 +1,207 @@
+"""CPU engine and artifacts on a tiny self-made static model: batch contract, reload, errors."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from router_worker.classify.artifacts import (
+    ArtifactMeta,
+    ArtifactWatcher,
+    Labels,
+    load_artifact,
+    write_artifact,
+)
+from router_worker.classify.cpu import (
+    CpuEngine,
+    StaticEncoder,
+    char_ngrams,
+    hash_dir,
+    load_cpu_engine,
+    segment_sum,
+)
+from router_worker.classify.engine import Engine
+from router_worker.errors import ArtifactError
+from router_worker.events import CATEGORIES, COMPLEXITIES, Tier
+
+WORDS = ["[UNK]", "write", "a", "poem", "fix", "bug", "python", "sum", "the", "server"]
+DIM = 16
+
+
+@pytest.fixture(scope="module")
+def static_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("static")
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    save_file(
+        {"embeddings": rng.normal(size=(len(WORDS), DIM)).astype(np.float16)},
+        str(path / "model.safetensors"),
+    )
+    return path
+
+
+def _meta(version: str, static_model: Path) -> ArtifactMeta:
+    return ArtifactMeta(
+        version=version,
+        engine="cpu",
+        labels=Labels(categories=list(CATEGORIES), complexities=list(COMPLEXITIES)),
+        encoder_id="test",
+        static_model_hash=hash_dir(static_model),
+        training_data_hash="0" * 64,
+        created_at=datetime.now(UTC).isoformat(),
+    )
+
+
+def _publish(root: Path, version: str, static_model: Path, seed: int = 1) -> Path:
+    encoder = StaticEncoder(static_model)
+    width = len(CATEGORIES) + len(COMPLEXITIES)
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "mean": np.zeros(DIM + 3, dtype=np.float32),
+        "std": np.ones(DIM + 3, dtype=np.float32),
+        "w_dense": rng.normal(size=(DIM + 3, width)).astype(np.float32),
+        "w_bag": rng.normal(size=(encoder.bag_size(), width)).astype(np.float32),
+        "bias": np.zeros(width, dtype=np.float32),
+    }
+    return write_artifact(root, _meta(version, static_model), arrays)
+
+
+@pytest.fixture
+def engine(tmp_path: Path, static_model: Path) -> CpuEngine:
+    _publish(tmp_path, "cpu-v1", static_model)
+    return load_cpu_engine(tmp_path, static_model)
+
+
+TEXTS = ["write a poem", "fix the bug in python", "", "sum the server", "zzz unknown words", "a\0b"]
+
+
+def test_engine_implements_the_protocol(engine: CpuEngine) -> None:
+    assert isinstance(engine, Engine)
+    assert engine.name == "cpu"
+    assert engine.version == "cpu-v1"
+
+
+def test_batch_keeps_order_and_length_and_matches_single_calls(engine: CpuEngine) -> None:
+    batch = engine.classify(TEXTS)
+    assert len(batch) == len(TEXTS)
+    singles = [engine.classify([t])[0] for t in TEXTS]
+    for got, want in zip(batch, singles, strict=True):
+        assert got.category == want.category
+        assert got.complexity == want.complexity
+        assert got.confidence == pytest.approx(want.confidence, rel=1e-5)
+
+
+def test_scores_are_a_distribution_over_categories(engine: CpuEngine) -> None:
+    for prediction in engine.classify(TEXTS):
+        assert set(prediction.scores) == set(CATEGORIES)
+        assert sum(prediction.scores.values()) == pytest.approx(1.0, abs=1e-6)
+        assert prediction.confidence == pytest.approx(max(prediction.scores.values()))
+        assert prediction.category in CATEGORIES
+        assert prediction.complexity in COMPLEXITIES
+        assert 0.5 <= prediction.complexity_confidence <= 1.0
+        assert prediction.tier is Tier.CLASSIFIER
+
+
+def test_empty_batch_gives_empty_list(engine: CpuEngine) -> None:
+    assert engine.classify([]) == []
+
+
+def test_segment_sum_handles_empty_groups() -> None:
+    values = np.arange(6, dtype=np.float32).reshape(3, 2)
+    owner = np.array([1, 1, 3])
+    sums = segment_sum(values, owner, 5)
+    np.testing.assert_array_equal(sums, [[0, 0], [2, 4], [0, 0], [4, 5], [0, 0]])
+
+
+def test_char_ngrams_never_cross_texts() -> None:
+    parts = char_ngrams(["ab", "", "abc"], offset=0)
+    owners = np.concatenate([owner for _, owner, _ in parts])
+    assert set(owners.tolist()) == {0, 2}
+    bigrams_of = {int(o): int((parts[0][1] == o).sum()) for o in (0, 2)}
+    assert bigrams_of == {0: 1, 2: 2}
+
+
+def test_artifact_round_trip(tmp_path: Path, static_model: Path) -> None:
+    path = _publish(tmp_path, "cpu-v1", static_model)
+    artifact = load_artifact(tmp_path)
+    assert artifact.path == path
+    assert artifact.meta.version == "cpu-v1"
+    assert (tmp_path / "CURRENT").read_text().strip() == "cpu-v1"
+    assert set(artifact.arrays) == {"mean", "std", "w_dense", "w_bag", "bias"}
+
+
+def test_watcher_picks_up_a_new_version_without_restart(tmp_path: Path, static_model: Path) -> None:
+    _publish(tmp_path, "cpu-v1", static_model)
+    now = [0.0]
+    watcher: ArtifactWatcher[CpuEngine] = ArtifactWatcher(
+        tmp_path, lambda p: load_cpu_engine(p, static_model), poll_s=1.0, clock=lambda: now[0]
+    )
+    now[0] = 5.0
+    assert watcher.maybe_reload() is None  # nothing changed
+    _publish(tmp_path, "cpu-v2", static_model, seed=2)
+    assert watcher.maybe_reload() is None  # polled too soon
+    now[0] = 10.0
+    reloaded = watcher.maybe_reload()
+    assert reloaded is not None
+    assert reloaded.version == "cpu-v2"
+    now[0] = 20.0
+    assert watcher.maybe_reload() is None
+
+
+def test_watcher_keeps_the_old_engine_when_the_new_artifact_is_corrupt(
+    tmp_path: Path, static_model: Path
+) -> None:
+    _publish(tmp_path, "cpu-v1", static_model)
+    watcher: ArtifactWatcher[CpuEngine] = ArtifactWatcher(
+        tmp_path, lambda p: load_cpu_engine(p, static_model), poll_s=0.0
+    )
+    path = _publish(tmp_path, "cpu-v2", static_model)
+    (path / "head.npz").write_bytes(b"not a zip")
+    assert watcher.maybe_reload(force=True) is None
+
+
+def test_missing_artifact_is_an_artifact_error(tmp_path: Path, static_model: Path) -> None:
+    with pytest.raises(ArtifactError, match="run `router-worker train`"):
+        load_cpu_engine(tmp_path / "nothing", static_model)
+
+
+def test_corrupt_head_is_an_artifact_error(tmp_path: Path, static_model: Path) -> None:
+    path = _publish(tmp_path, "cpu-v1", static_model)
+    (path / "head.npz").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        load_cpu_engine(tmp_path, static_model)
+
+
+def test_corrupt_meta_is_an_artifact_error(tmp_path: Path, static_model: Path) -> None:
+    path = _publish(tmp_path, "cpu-v1", static_model)
+    (path / "meta.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        load_artifact(tmp_path)
+
+
+def test_current_naming_a_missing_version_is_an_artifact_error(tmp_path: Path) -> None:
+    (tmp_path / "CURRENT").write_text("cpu-gone\n")
+    with pytest.raises(ArtifactError, match="cpu-gone"):
+        load_artifact(tmp_path)
+
+
+def test_artifact_from_another_static_model_is_rejected(
+    tmp_path: Path, static_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    _publish(tmp_path, "cpu-v1", static_model)
+    other = tmp_path_factory.mktemp("other")
+    for name in ("tokenizer.json", "model.safetensors"):
+        (other / name).write_bytes((static_model / name).read_bytes())
+    save_file(
+        {"embeddings": np.ones((len(WORDS), DIM), dtype=np.float16)},
+        str(other / "model.safetensors"),
+    )
+    with pytest.raises(ArtifactError, match="another static model"):
+        load_cpu_engine(tmp_path, other)
