@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sys
 from itertools import cycle, islice
 from pathlib import Path
@@ -188,6 +189,8 @@ def _bench_texts(n: int) -> list[str]:
     texts = [r.prompt for r in load_records([DEFAULT_CORPUS])] if DEFAULT_CORPUS.is_dir() else []
     if not texts:
         raise click.ClickException(f"no prompts under {DEFAULT_CORPUS} to benchmark with")
+    # Corpus files are sorted by category; a fixed shuffle makes every sample representative.
+    random.Random(0).shuffle(texts)
     return list(islice(cycle(texts), n))
 
 

@@ -102,7 +102,7 @@ async def test_cache_session_affinity_and_its_ttl(
     assert miss.event["decision"]["tier"] != "cache"
     assert hit.event["decision"]["tier"] == "cache"
     assert hit.event["decision"]["model"] == miss.event["decision"]["model"]
-    assert "router_cache_hits_total 1.0" in metrics
+    assert "router_cache_hits_total 2.0" in metrics  # the code prompt and the last chat one
     assert pinned == "gpt-4o-mini"
     assert _model(same) == pinned
     assert "session affinity" in same.event["decision"]["reason"]

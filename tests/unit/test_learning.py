@@ -38,7 +38,8 @@ HEALTH = HealthSpec(failures=5, window_s=60, cooldown_s=30)
 def test_cache_key_ignores_case_unicode_form_and_whitespace() -> None:
     assert normalise("  Hello\tWORLD \n") == "hello world"
     assert cache_key("t", "v1", "Hello  world") == cache_key("t", "v1", "hello world\n")
-    assert cache_key("t", "v1", "\uff48\uff45\uff4c\uff4c\uff4f") == cache_key("t", "v1", "hello")  # NFKC
+    fullwidth = "\uff48\uff45\uff4c\uff4c\uff4f"
+    assert cache_key("t", "v1", fullwidth) == cache_key("t", "v1", "hello")  # NFKC
 
 
 def test_cache_key_changes_with_tenant_version_and_prompt() -> None:
