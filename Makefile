@@ -36,7 +36,8 @@ model: $(STATIC_MODEL)
 
 # The trained classifier head; retrained when the corpus changes.
 $(ARTIFACT): $(STATIC_MODEL) $(CORPUS)
-	HF_HUB_OFFLINE=1 $(BIN)/router-worker train --data data/prompts --out artifacts/classifier
+	HF_HUB_OFFLINE=1 $(BIN)/router-worker train --data data/prompts --out artifacts/classifier \
+		--no-encoder-head
 
 artifact: $(ARTIFACT)
 
@@ -69,7 +70,7 @@ bench: $(INSTALLED) $(ARTIFACT)
 	$(BIN)/python scripts/bench_pipeline.py --requests 20000
 
 bench-classifier: $(INSTALLED) $(ARTIFACT)
-	$(BIN)/router-worker bench-classifier --json
+	$(BIN)/router-worker bench-classifier --json --threads 2
 
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache *-data
