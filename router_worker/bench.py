@@ -270,6 +270,7 @@ async def run_bench(
     run_dir: Path,
     latency_seconds: float,
     separate_sink: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """The whole benchmark in one run; returns the JSON object."""
     base = {
@@ -311,46 +312,54 @@ async def run_bench(
         await apply_topics(s_pipe)
         dsn = s_pipe.database_url.get_secret_value()
         await migrate(dsn, tag)
-        await preload(s_pipe, prompts, requests, "pipe")
         watcher = OutputWatcher(
             s_pipe, [s_pipe.topic(topics.COMPLETED), s_pipe.topic(topics.FAILED)]
         )
         await watcher.start()
-        port = free_port()
         log_path = run_dir / "bench-worker.log"
         if separate_sink:
             env_pipe["ROUTER_RUN_SINK"] = "false"
+        procs: list[subprocess.Popen[bytes]] = []
+        ports = [free_port() for _ in range(workers)]
         with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [
+            for index, port in enumerate(ports):
+                command = [
                     sys.executable,
                     "-m",
                     "router_worker",
                     "--datadir",
-                    str(run_dir / tag),
+                    str(run_dir / f"{tag}-{index}"),
                     "worker",
                     "--web-port",
                     str(port),
                     "-l",
                     "warn",
-                ],
-                env=worker_env(env_pipe, engine),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            sink_proc = (
-                subprocess.Popen(
-                    [sys.executable, "-m", "router_worker", "sink"],
-                    env=worker_env(env_pipe, engine),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
+                ]
+                procs.append(
+                    subprocess.Popen(
+                        command,
+                        env=worker_env(env_pipe, engine),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
                 )
-                if separate_sink
-                else None
-            )
+            if separate_sink:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "router_worker", "sink"],
+                        env=worker_env(env_pipe, engine),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         try:
-            await _wait_ready(port, proc, 120)
-            rss_start = rss_mb(proc.pid)
+            for port, proc in zip(ports, procs, strict=False):
+                await _wait_ready(port, proc, 120)
+            # Let the group settle with every member before the load arrives: a rebalance in
+            # the middle of the measurement would be measured as routing time.
+            await asyncio.sleep(2 + 2 * workers)
+            rss_start = sum(rss_mb(p.pid) for p in procs[:workers])
+            await preload(s_pipe, prompts, requests, "pipe")
             done = await watcher.wait_for(requests, 600)
             pipeline_rate = watcher.rate()
             print(f"pipeline: {pipeline_rate:.0f} requests/s (complete={done})", file=sys.stderr)
@@ -359,12 +368,11 @@ async def run_bench(
                 await asyncio.sleep(0.05)
             sink_rate = round(requests / max(time.monotonic() - first_out, 1e-6), 1)
             latencies = await offered_load(s_pipe, prompts, rate, latency_seconds, watcher)
-            rss_end = rss_mb(proc.pid)
+            rss_end = sum(rss_mb(p.pid) for p in procs[:workers])
         finally:
-            for child in (proc, sink_proc):
-                if child is not None:
-                    child.terminate()
-                    child.wait(30)
+            for child in procs:
+                child.terminate()
+                child.wait(30)
             await watcher.stop()
             conn = await asyncpg.connect(dsn)
             await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(tag)} CASCADE")
@@ -386,6 +394,7 @@ async def run_bench(
         "requests": requests,
         "sink_rows_per_s": sink_rate,
         "sink": "separate process" if separate_sink else "in the worker process",
+        "workers": workers,
         "rss_mb": max(rss_start, rss_end),
         "rss_mb_start": rss_start,
         "rss_mb_end": rss_end,

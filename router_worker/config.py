@@ -62,6 +62,9 @@ class TenantSpec(_Strict):
     # Token bucket: sustained requests per second and the burst it may save up (None: no limit).
     requests_per_s: float | None = Field(None, gt=0)
     burst: int | None = Field(None, ge=1)
+    # Opt-in: completed events (and so routing_events.prompt) carry the prompt text, which
+    # `router-worker dataset export` turns into training data. Off: hash and length only.
+    store_prompts: bool = False
 
 
 class Thresholds(_Strict):

@@ -150,6 +150,9 @@ class RoutingCompleted(_Event):
     timings_ms: Timings = Field(default_factory=Timings)
     created_at: datetime | None = None
     decided_at: datetime
+    prompt: str | None = Field(
+        None, description="the prompt text, only for tenants with store_prompts: true"
+    )
 
 
 class RoutingFailed(_Event):

@@ -202,6 +202,7 @@ class Router:
             degraded,
             {**stage_ms, "queue": round(queue_ms, 3)},
             now,
+            store_prompt=tenant.store_prompts,
         )
 
     def _completed(
@@ -213,6 +214,8 @@ class Router:
         degraded: list[str],
         stage_ms: dict[str, float],
         now: datetime,
+        *,
+        store_prompt: bool = False,
     ) -> Outgoing:
         total = stage_ms["queue"] + stage_ms["enrich"] + stage_ms["classify"]
         event: dict[str, Any] = {
@@ -237,6 +240,8 @@ class Router:
             "created_at": request.created_at,
             "decided_at": now,
         }
+        if store_prompt:  # opt-in per tenant: the training set for `dataset export`
+            event["prompt"] = request.text()
         headers = propagate_headers(inbound, request.request_id)
         # debug: a line per request is too much at info; filtered calls cost next to nothing
         log.debug(

@@ -12,26 +12,55 @@ import orjson
 @click.command("bench")
 @click.option("--requests", "n", default=20000, show_default=True, help="requests per phase")
 @click.option("--rate", default=1000.0, show_default=True, help="offered req/s for latency")
-@click.option("--engine", type=click.Choice(["keyword", "cpu"]), default="cpu",
-              show_default=True)
+@click.option("--engine", type=click.Choice(["keyword", "cpu"]), default="cpu", show_default=True)
 @click.option("--bootstrap", default=None, help="use this broker instead of an embedded one")
 @click.option("--latency-seconds", default=10.0, show_default=True)
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path(".run/bench"), show_default=True)
-@click.option("--separate-sink/--in-process-sink", default=True, show_default=True,
-              help="run the sink as its own process (production layout) or inside the worker")
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".run/bench"),
+    show_default=True,
+)
+@click.option(
+    "--separate-sink/--in-process-sink",
+    default=True,
+    show_default=True,
+    help="run the sink as its own process (production layout) or inside the worker",
+)
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    help="route worker processes in the one consumer group (scale-out)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="also write the JSON here")
-def bench_command(n: int, rate: float, engine: str, bootstrap: str | None,
-                  latency_seconds: float, separate_sink: bool, run_dir: Path, as_json: bool,
-                  out: Path | None) -> None:
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="also write the JSON here",
+)
+def bench_command(
+    n: int,
+    rate: float,
+    engine: str,
+    bootstrap: str | None,
+    latency_seconds: float,
+    separate_sink: bool,
+    workers: int,
+    run_dir: Path,
+    as_json: bool,
+    out: Path | None,
+) -> None:
     """Passthrough vs pipeline throughput, latency at --rate, sink rows/s, worker RSS."""
     from router_worker.bench import run_bench
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    result = asyncio.run(run_bench(n, rate, engine, bootstrap, run_dir.resolve(),
-                                   latency_seconds, separate_sink))
+    result = asyncio.run(
+        run_bench(
+            n, rate, engine, bootstrap, run_dir.resolve(), latency_seconds, separate_sink, workers
+        )
+    )
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
     if out is not None:
         out.write_text(text + "\n")

@@ -21,6 +21,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("estimated_cost_usd", "float8"), ("decision", "text"), ("timings_ms", "text"),
     ("raw", "text"), ("created_at", "timestamptz"), ("decided_at", "timestamptz"),
     ("source_topic", "text"), ("source_partition", "int4"), ("source_offset", "int8"),
+    ("prompt", "text"),  # migration 0003; only for tenants with store_prompts
 )
 _CASTS = {"degraded": "string_to_array({}, ',')", "decision": "{}::jsonb",
           "timings_ms": "{}::jsonb"}
@@ -67,6 +68,7 @@ def row_from_event(status: str, event: dict[str, Any], source: Source) -> tuple[
         event.get("raw"), _ts(event.get("created_at")),
         _ts(event.get("decided_at" if completed else "failed_at")),
         source.topic, source.partition, source.offset,
+        event.get("prompt") if completed else None,
     )
 
 
