@@ -15,6 +15,7 @@ _COMMAND_MODULES = (
     "router_worker.commands.sink",
     "router_worker.commands.classifier",
     "router_worker.commands.stats",
+    "router_worker.commands.lifecycle",
 )
 
 

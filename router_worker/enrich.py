@@ -43,7 +43,9 @@ class Keys:
         return f"{self.prefix}model_health"
 
     def session(self, tenant_id: str, session_id: str) -> str:
-        return f"{self.prefix}session:{tenant_id}:{session_id}"
+        # Length-prefixed: both ids are free text, and "a" + "b:c" must not meet "a:b" + "c"
+        # (one tenant pinning another tenant's session).
+        return f"{self.prefix}session:{len(tenant_id)}:{tenant_id}:{session_id}"
 
     def probe_prefix(self) -> str:
         return f"{self.prefix}probe:"

@@ -23,6 +23,7 @@ from router_worker.errors import ArtifactError, RouterError
 log = structlog.get_logger(__name__)
 
 CURRENT = "CURRENT"
+PREVIOUS = "PREVIOUS"  # versions CURRENT named before, oldest first: what rollback returns to
 HEAD_FILE = "head.npz"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
@@ -156,6 +157,105 @@ def set_current(root: Path, version: str) -> None:
     _atomic_write(root / CURRENT, f"{version}\n".encode())
 
 
+def current_version(root: Path) -> str | None:
+    """The version root/CURRENT names, or None when there is none."""
+    try:
+        return check_version((root / CURRENT).read_text(encoding="utf-8").strip())
+    except (OSError, ArtifactError):
+        return None
+
+
+def read_meta(directory: Path) -> ArtifactMeta:
+    """meta.json of one version directory."""
+    try:
+        return ArtifactMeta.model_validate_json((directory / META_FILE).read_bytes())
+    except (OSError, ValidationError) as exc:
+        raise ArtifactError(f"no valid {META_FILE} in {directory}: {exc}") from exc
+
+
+def test_macro_f1(meta: ArtifactMeta) -> float | None:
+    """The held-out test macro-F1 recorded at training time (what promotion compares)."""
+    test = meta.metrics.get("test")
+    value = test.get("macro_f1") if isinstance(test, dict) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def previous_versions(root: Path) -> list[str]:
+    """The promotion history in root/PREVIOUS, oldest first."""
+    try:
+        lines = (root / PREVIOUS).read_text(encoding="utf-8").split()
+    except OSError:
+        return []
+    return [v for v in lines if _VERSION_RE.match(v)]
+
+
+@dataclass(frozen=True, slots=True)
+class Promotion:
+    """What a promote or rollback changed."""
+
+    version: str
+    previous: str | None
+    path: Path
+
+
+def _import_version(root: Path, source: Path) -> str:
+    """The version of `source`, copied into `root` (staged, renamed) unless already there."""
+    meta = read_meta(source)
+    version = check_version(meta.version)
+    target = root / version
+    if target.resolve() == source.resolve() or (target / META_FILE).is_file():
+        return version
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".staging-{version}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    os.replace(staging, target)
+    return version
+
+
+def promote(root: Path, candidate: Path | str, *, force: bool = False) -> Promotion:
+    """Make `candidate` (a version directory anywhere, or a version name under root) CURRENT.
+
+    Refuses (ArtifactError) when its test macro-F1 is below the live version's unless `force`.
+    The live version is appended to root/PREVIOUS first, so `rollback` can return to it.
+    """
+    source = Path(candidate)
+    if not (source / META_FILE).is_file():
+        source = root / check_version(str(candidate))
+    candidate_meta = read_meta(source)
+    live = current_version(root)
+    if live is not None and live != candidate_meta.version and not force:
+        live_f1 = test_macro_f1(read_meta(root / live))
+        new_f1 = test_macro_f1(candidate_meta)
+        if live_f1 is not None and (new_f1 is None or new_f1 < live_f1):
+            raise ArtifactError(
+                f"refusing to promote {candidate_meta.version}: test macro_f1 {new_f1} is worse "
+                f"than live {live}'s {live_f1:.4f} (use --force to promote anyway)"
+            )
+    version = _import_version(root, source)
+    if live is not None and live != version:
+        history = [*previous_versions(root), live][-50:]
+        _atomic_write(root / PREVIOUS, ("\n".join(history) + "\n").encode())
+    set_current(root, version)
+    log.info("artifact_promoted", version=version, previous=live)
+    return Promotion(version=version, previous=live, path=root / version)
+
+
+def rollback(root: Path) -> Promotion:
+    """Point CURRENT back at the last version in root/PREVIOUS and pop it from the history."""
+    history = previous_versions(root)
+    live = current_version(root)
+    while history and not (root / history[-1] / META_FILE).is_file():
+        history.pop()  # a pruned version cannot be rolled back to
+    if not history:
+        raise ArtifactError(f"nothing to roll back to: {root / PREVIOUS} is empty")
+    version = history.pop()
+    _atomic_write(root / PREVIOUS, ("\n".join(history) + "\n" if history else "").encode())
+    set_current(root, version)
+    log.info("artifact_rolled_back", version=version, previous=live)
+    return Promotion(version=version, previous=live, path=root / version)
+
+
 def read_extra(artifact: Artifact, name: str) -> Arrays | None:
     """Arrays of an optional extra file in the artifact (e.g. the encoder head), or None."""
     path = artifact.path / name
@@ -196,9 +296,14 @@ class ArtifactWatcher(Generic[E]):
         poll_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         initial_version: str | None = None,
+        remote: Callable[[], str | None] | None = None,
     ) -> None:
         self.path = path
         self._loader = loader
+        # The fleet-wide version (Redis), asked once per poll; a change there wins, so hosts
+        # whose CURRENT is stale or not shared still follow a promotion.
+        self._remote = remote
+        self._remote_seen: str | None = None
         self._poll_s = poll_s
         self._clock = clock
         self._next_check = clock() + poll_s
@@ -217,15 +322,24 @@ class ArtifactWatcher(Generic[E]):
         if not force and now < self._next_check:
             return None
         self._next_check = now + self._poll_s
+        target, version = self.path, None
+        remote = self._remote() if self._remote is not None else None
+        # A version this host's store does not hold (yet) is looked for again next poll.
+        if (remote is not None and remote != self._remote_seen and _VERSION_RE.match(remote)
+                and (self.path / remote / META_FILE).is_file()):
+            self._remote_seen = remote
+            if remote != self._version:
+                target, version = self.path / remote, remote
         fingerprint = _fingerprint(self.path)
-        if fingerprint == self._seen and not force:
-            return None
+        if version is None:
+            if fingerprint == self._seen and not force:
+                return None
+            version = self._current_version()
         self._seen = fingerprint
-        version = self._current_version()
         if version is None or (version == self._version and not force):
             return None
         try:
-            engine = self._loader(self.path)
+            engine = self._loader(target)
         except RouterError as exc:
             log.error("artifact_reload_failed", version=version, error=str(exc), code=exc.code)
             return None

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+
+import structlog
 
 from router_worker.classify.artifacts import ArtifactWatcher
 from router_worker.classify.engine import Engine
 from router_worker.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# Redis keys (under settings.redis_prefix) that publish the fleet's live classifier version.
+CURRENT_KEY = "classifier:current"
+HISTORY_KEY = "classifier:history"
+CHANNEL = "classifier:promotions"
+# A watcher asks Redis between batches: never let a slow Redis stall routing for long.
+_REDIS_TIMEOUT_S = 0.25
 
 
 def load_engine(settings: Settings, artifact: Path | None = None) -> Engine:
@@ -34,15 +46,48 @@ def load_engine(settings: Settings, artifact: Path | None = None) -> Engine:
     )
 
 
-def make_watcher(settings: Settings, engine: Engine | None = None) -> ArtifactWatcher[Engine]:
-    """A watcher that reloads the learned engine when `settings.artifact`'s CURRENT changes.
+def redis_version_source(settings: Settings) -> Callable[[], str | None]:
+    """A cheap `() -> version | None` reading `{redis_prefix}classifier:current` (one GET).
 
-    Call `watcher.maybe_reload()` between batches: it stats one file at most every
-    `settings.artifact_poll_s` and returns a new engine only when the version changed.
+    Redis trouble yields None (the watcher then follows CURRENT alone) and is logged once.
+    """
+    import redis
+
+    client = redis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_timeout=_REDIS_TIMEOUT_S,
+        socket_connect_timeout=_REDIS_TIMEOUT_S,
+    )
+    key = f"{settings.redis_prefix}{CURRENT_KEY}"
+    failing = [False]
+
+    def current() -> str | None:
+        try:
+            value = client.get(key)
+        except redis.RedisError as exc:
+            if not failing[0]:
+                log.warning("classifier_version_unreadable", error=str(exc)[:200])
+            failing[0] = True
+            return None
+        failing[0] = False
+        return value.decode() if isinstance(value, bytes) else None
+
+    return current
+
+
+def make_watcher(
+    settings: Settings, engine: Engine | None = None, *, follow_redis: bool = True
+) -> ArtifactWatcher[Engine]:
+    """A watcher that reloads the learned engine when `settings.artifact`'s CURRENT changes
+    or `router-worker classifier promote` publishes a version on Redis.
+
+    Call `watcher.maybe_reload()` between batches: it stats one file (and GETs one key) at
+    most every `settings.artifact_poll_s` and returns a new engine only when the version changed.
     """
     return ArtifactWatcher(
         settings.artifact,
         lambda path: load_engine(settings, path),
         poll_s=settings.artifact_poll_s,
         initial_version=engine.version if engine is not None else None,
+        remote=redis_version_source(settings) if follow_redis else None,
     )

@@ -52,11 +52,17 @@ def _ts(value: Any) -> datetime | None:
     return datetime.fromisoformat(value) if isinstance(value, str) else None
 
 
+def _pg_text(value: Any) -> Any:
+    # Postgres text cannot hold NUL; one in any field (a request_id or Kafka key from the wire)
+    # failed the whole batch, which the sink retried forever, wedging every later row.
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
 def row_from_event(status: str, event: dict[str, Any], source: Source) -> tuple[Any, ...]:
     """One `routing_events` row from a completed or failed event (already parsed JSON)."""
     decision = event.get("decision") or {}
     completed = status == "completed"
-    return (
+    return tuple(_pg_text(value) for value in (
         str(event["request_id"]), status, event.get("tenant_id"),
         decision.get("model"), decision.get("provider"), decision.get("policy"),
         decision.get("category"), decision.get("complexity"), decision.get("confidence"),
@@ -69,7 +75,7 @@ def row_from_event(status: str, event: dict[str, Any], source: Source) -> tuple[
         _ts(event.get("decided_at" if completed else "failed_at")),
         source.topic, source.partition, source.offset,
         event.get("prompt") if completed else None,
-    )
+    ))
 
 
 class EventWriter:

@@ -8,7 +8,6 @@ import contextlib
 import re
 import signal
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -159,7 +158,8 @@ async def wait_routed(worker: WorkerProcess, at_least: float, timeout: float = 6
         n = await routed(worker)
         if n >= at_least:
             return n
-        assert worker.proc is not None and worker.proc.poll() is None, worker.tail()
+        assert worker.proc is not None, worker.name
+        assert worker.proc.poll() is None, worker.tail()
         await asyncio.sleep(0.05)
     raise AssertionError(f"{worker.name} routed < {at_least} in {timeout}s: {worker.tail()}")
 
@@ -298,14 +298,16 @@ async def test_adding_and_removing_a_worker_mid_stream_loses_and_strands_nothing
         outputs = await read_outputs(settings, set(ids) | set(tail))
         log_text = first.log_path.read_text(errors="replace")
     report("rebalance", second_exit=code, routed_by_second=by_second,
-           tail_routed_by_first=after_tail - before_tail, drained_after_removal_s=round(drained_s, 1),
+           tail_routed_by_first=after_tail - before_tail,
+           drained_after_removal_s=round(drained_s, 1),
            rows=len(rows), topic_records=len(outputs.keys),
            topic_distinct=len(set(outputs.keys)), topic_duplicates=outputs.duplicates)
     assert code == 0
     assert_one_row_each(rows, set(ids) | set(tail))
     assert after_tail - before_tail >= len(tail)
     assert set(outputs.keys) == set(ids) | set(tail)
-    assert "Traceback" not in log_text and "crashed" not in log_text, log_text[-3000:]
+    assert "Traceback" not in log_text, log_text[-3000:]
+    assert "crashed" not in log_text, log_text[-3000:]
 
 
 
@@ -354,6 +356,50 @@ async def decisions_by_time(settings: Settings, expected: set[str]) -> list[tupl
     return sorted(found)
 
 
+# --- 8. no secrets or prompt text in logs ---------------------------------------------------
+
+
+async def test_worker_logs_never_show_prompts_or_passwords(
+    isolated: dict[str, str], workdir: Path,
+) -> None:
+    prompt_canary = "PROMPT-CANARY-5d1e"
+    password = "PW-CANARY-93bc"
+    redis = isolated["ROUTER_REDIS_URL"].replace("redis://", f"redis://:{password}@", 1)
+    database = isolated["ROUTER_DATABASE_URL"].replace("postgres@", f"postgres:{password}@", 1)
+    # passwords in both URLs (Redis without a password and Postgres with trust accept them)
+    env = {**isolated, "ROUTER_REDIS_URL": redis, "ROUTER_DATABASE_URL": database,
+           "ROUTER_LOG_LEVEL": "debug"}
+    settings = settings_from(env)
+    producer = AIOKafkaProducer(**producer_options(settings))
+    bodies = [
+        {"request_id": "canary-ok", "prompt": f"write code {prompt_canary}"},
+        {"request_id": "canary-schema", "prompt": prompt_canary, "tenant_id": 7},
+        {"request_id": "canary-large", "prompt": prompt_canary * 5000},
+    ]
+    with workers() as started:
+        worker = WorkerProcess(env, workdir, "w-canary").start()
+        started.append(worker)
+        await worker.wait_ready()
+        await producer.start()
+        try:
+            for body in bodies:
+                await producer.send_and_wait(settings.topic(topics.REQUESTED), orjson.dumps(body),
+                                             key=str(body["request_id"]).encode())
+            await producer.send_and_wait(settings.topic(topics.REQUESTED),
+                                         b'{"request_id": "canary-bad", "prompt": "'
+                                         + prompt_canary.encode(), key=b"canary-bad")
+        finally:
+            await producer.stop()
+        expected = {"canary-ok", "canary-schema", "canary-large", "canary-bad"}
+        rows = await wait_for_rows(settings, expected, timeout=30)
+        worker.stop()
+    log_text = worker.log_path.read_text(errors="replace")
+    assert set(rows) == expected
+    assert "request_failed" in log_text  # the failure path was exercised and logged
+    assert prompt_canary not in log_text
+    assert password not in log_text
+
+
 # --- 4. Redis outage -----------------------------------------------------------------------
 
 
@@ -395,9 +441,12 @@ async def test_redis_outage_degrades_decisions_and_recovers_without_restart(
            after=len(after), after_degraded=sum(d for _, d in after),
            recovery_s=None if recovered is None else round(recovered - restarted_at, 2),
            degraded_after_recovery=sum(late))
-    assert before and not any(before)
-    assert during and all(during)
-    assert recovered is not None and recovered - restarted_at < 3.0
+    assert before
+    assert not any(before)
+    assert during
+    assert all(during)
+    assert recovered is not None
+    assert recovered - restarted_at < 3.0
     assert not any(late)
 
 
@@ -437,7 +486,8 @@ async def test_postgres_outage_sink_retries_with_backoff_and_catches_up_losing_n
     retries_during = metric(during, "router_sink_retries_total")
     lag_during = metric(during, "router_sink_lag")
     report("postgres-outage", outage_s=outage_s, sink_retries_during=retries_during,
-           sink_lag_during=lag_during, sink_retries_total=metric(after, "router_sink_retries_total"),
+           sink_lag_during=lag_during,
+           sink_retries_total=metric(after, "router_sink_retries_total"),
            sink_lag_after=metric(after, "router_sink_lag"), routed_mid_outage=routed_mid,
            routed_end=routed_end, caught_up_after_restart_s=round(caught_up_s, 1),
            rows=len(rows))
@@ -452,6 +502,20 @@ async def test_postgres_outage_sink_retries_with_backoff_and_catches_up_losing_n
 # --- 6. broker restart ---------------------------------------------------------------------
 
 
+async def publish_tracked(settings: Settings, ids: list[str]) -> dict[str, int]:
+    """Publish one request per id; returns the partition each landed on."""
+    producer = AIOKafkaProducer(**producer_options(settings))
+    await producer.start()
+    try:
+        topic = settings.topic(topics.REQUESTED)
+        futures = [await producer.send(topic, request_bytes(rid, i), key=rid.encode())
+                   for i, rid in enumerate(ids)]
+        return {rid: meta.partition
+                for rid, meta in zip(ids, await asyncio.gather(*futures), strict=True)}
+    finally:
+        await producer.stop()
+
+
 async def test_broker_restart_with_topics_reapplied_decides_new_requests_without_worker_restart(
     isolated: dict[str, str], workdir: Path,
 ) -> None:
@@ -462,23 +526,44 @@ async def test_broker_restart_with_topics_reapplied_decides_new_requests_without
         settings = settings_from(env)
         await apply_topics(settings)
         first = [f"pre-{i}" for i in range(500)]
-        second = [f"post-{i}" for i in range(500)]
         with workers() as started:
             worker = WorkerProcess(env, workdir, "w-broker").start()
             started.append(worker)
             await worker.wait_ready()
+            pid = worker.proc.pid if worker.proc else None
             await publish(settings, first)
-            rows = await wait_for_rows(settings, set(first), timeout=30)
-            assert_one_row_each(rows, set(first))
-            await stack.stop()
+            assert_one_row_each(await wait_for_rows(settings, set(first), timeout=30), set(first))
+            await stack.stop()  # memory only: topics, records and committed offsets vanish
             await asyncio.sleep(2)
             await restart_on_port(stack, port_of(bootstrap))
             await apply_topics(settings)
             restarted_at = time.monotonic()
-            await publish(settings, second)
-            rows = await wait_for_rows(settings, set(first) | set(second), timeout=60)
+            # Probe until decisions flow on every partition again; a probe published into the
+            # window described in the module's limitation note may be skipped, so count them.
+            probes: dict[str, int] = {}
+            live: set[int] = set()
+            for round_ in range(15):
+                ids = [f"probe-{round_}-{i}" for i in range(200)]
+                landed = await publish_tracked(settings, ids)
+                probes.update(landed)
+                await asyncio.sleep(1.0)
+                decided = set(await row_ids(settings))
+                live |= {part for rid, part in landed.items() if rid in decided}
+                if len(live) == settings.topic_partitions:
+                    break
             recovered_s = time.monotonic() - restarted_at
+            after = [f"post-{i}" for i in range(500)]
+            await publish(settings, after)
+            rows = await wait_for_rows(settings, set(first) | set(after), timeout=30)
+            decided = set(await row_ids(settings))
             alive = worker.proc is not None and worker.proc.poll() is None
-        report("broker-restart", recovered_s=round(recovered_s, 1), worker_alive=alive,
-               rows=len(rows))
-        assert_one_row_each(rows, set(first) | set(second))
+            same_pid = worker.proc is not None and worker.proc.pid == pid
+    skipped = Counter(part for rid, part in probes.items() if rid not in decided)
+    report("broker-restart", recovered_s=round(recovered_s, 1), worker_alive=alive,
+           probes=len(probes), probes_skipped=sum(skipped.values()),
+           skipped_by_partition=dict(skipped), post_rows=len(set(after) & decided))
+    assert alive
+    assert same_pid
+    assert len(live) == settings.topic_partitions, f"partitions decided again: {live}"
+    assert_one_row_each([r for r in rows if not r.startswith("probe-")],
+                        set(first) | set(after))

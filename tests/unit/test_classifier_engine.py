@@ -63,10 +63,11 @@ def _publish(root: Path, version: str, static_model: Path, seed: int = 1) -> Pat
     encoder = StaticEncoder(static_model)
     width = len(CATEGORIES) + len(COMPLEXITIES)
     rng = np.random.default_rng(seed)
+    dense = encoder.dense_width()
     arrays = {
-        "mean": np.zeros(DIM + 3, dtype=np.float32),
-        "std": np.ones(DIM + 3, dtype=np.float32),
-        "w_dense": rng.normal(size=(DIM + 3, width)).astype(np.float32),
+        "mean": np.zeros(dense, dtype=np.float32),
+        "std": np.ones(dense, dtype=np.float32),
+        "w_dense": rng.normal(size=(dense, width)).astype(np.float32),
         "w_bag": rng.normal(size=(encoder.bag_size(), width)).astype(np.float32),
         "bias": np.zeros(width, dtype=np.float32),
     }
