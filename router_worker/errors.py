@@ -48,6 +48,12 @@ class DependencyUnavailable(RouterError):
     retriable = True
 
 
+class RowsRejected(RouterError):
+    """Postgres refused rows for their content (bad data, not an outage); retrying cannot help."""
+
+    code = "rows_rejected"
+
+
 class EngineUnavailable(RouterError):
     """The classifier engine could not load or run; the cascade falls back to keywords."""
 

@@ -113,9 +113,14 @@ async def confirm(
     events: list[Any],
     outgoing: list[Outgoing],
     futures: list[Awaitable[Any]],
+    previous: asyncio.Future[None] | None = None,
 ) -> None:
-    """Acknowledge a batch's input offsets only once its outputs are durable on the broker."""
+    """Acknowledge a batch's input offsets only once its outputs are durable on the broker,
+    and never before the previous batch's: Faust may commit a run of acked offsets that does
+    not start at the committed one, so out-of-order acks could skip an undelivered record."""
     await deliver(app, outgoing, futures)
+    if previous is not None:
+        await asyncio.wait([previous])
     for event in events:
         await stream.ack(event)
 
@@ -124,8 +129,7 @@ class BatchPump:
     """Routes batches in a task of its own so Faust keeps filling the next batch meanwhile,
     and keeps up to `depth` routed batches awaiting broker acknowledgement.
 
-    Faust commits only offsets below the first unacknowledged one, so confirmations may
-    finish in any order without committing past an output that is not durable yet.
+    Deliveries overlap; acknowledgements happen strictly in batch order (see `confirm`).
     """
 
     def __init__(self, app: faust.App, stream: Any, runtime: RouteRuntime, depth: int) -> None:
@@ -155,8 +159,11 @@ class BatchPump:
             self.runtime.maybe_reload()
             outgoing = await self.runtime.route([inbound_from_event(e) for e in events])
             futures = await enqueue(self.app, outgoing)
+            previous = self.inflight[-1] if self.inflight else None
             self.inflight.append(
-                asyncio.ensure_future(confirm(self.app, self.stream, events, outgoing, futures))
+                asyncio.ensure_future(
+                    confirm(self.app, self.stream, events, outgoing, futures, previous)
+                )
             )
             while self.inflight and (self.inflight[0].done() or len(self.inflight) > self.depth):
                 await self.inflight.popleft()

@@ -12,7 +12,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from mode import Service
 
 from router_worker import topics
-from router_worker.errors import DependencyUnavailable
+from router_worker.errors import DependencyUnavailable, RowsRejected
 from router_worker.kafka import consumer_options
 from router_worker.metrics import Metrics
 from router_worker.settings import Settings
@@ -116,11 +116,18 @@ class SinkAgent(Service):
         self.metrics.batch_size.labels("sink").observe(len(rows))
         self.metrics.sink_lag.set(len(records))
         delay = _BACKOFF_START_S
+        isolate = False
         while True:
             try:
+                if isolate:
+                    rows, outcomes = await self._isolate(rows, outcomes)
+                    isolate = False
                 await self.writer.write(rows)
                 await self.writer.write_outcomes(outcomes)
                 break
+            except RowsRejected as exc:
+                log.error("sink_batch_rejected", records=len(records), error=str(exc)[:300])
+                isolate = True
             except DependencyUnavailable as exc:
                 # Offsets stay uncommitted while Postgres is down, so nothing is lost; the
                 # consumer stops fetching meanwhile, which is the backpressure we want.
@@ -136,6 +143,25 @@ class SinkAgent(Service):
         if outcomes:
             self.metrics.sink_rows.labels("outcome").inc(len(outcomes))
         self.metrics.sink_lag.set(0)
+
+    async def _isolate(
+        self, rows: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]]
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Write a rejected batch row by row so one bad row cannot block the rest; rows that
+        Postgres refuses are logged with their source and counted, then skipped. Outages
+        still propagate (and are retried by the caller's next batch attempt)."""
+        kept: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]] = ([], [])
+        for write, batch, out in ((self.writer.write, rows, kept[0]),
+                                  (self.writer.write_outcomes, outcomes, kept[1])):
+            for row in batch:
+                try:
+                    await write([row])
+                    out.append(row)
+                except RowsRejected as exc:
+                    self.metrics.sink_rows.labels("rejected").inc()
+                    log.error("sink_row_rejected", request_id=str(row[0])[:256],
+                              error=str(exc)[:300])
+        return kept
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
         try:

