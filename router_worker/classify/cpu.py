@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -183,8 +183,12 @@ class StaticEncoder:
         occ = np.fromiter(map(distinct.__getitem__, words), dtype=np.int64, count=len(words))
         if not distinct:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        table = self._word_pieces(distinct)
-        cached = list(map(table.__getitem__, distinct))
+        # One C-level pass over the cache; only a batch with unseen words pays for a second.
+        hits = list(map(self._pieces.get, distinct))
+        if None in hits:
+            table = self._word_pieces(distinct)
+            hits = list(map(table.__getitem__, distinct))
+        cached = cast(list[tuple[int, ...]], hits)
         width = np.fromiter(map(len, cached), dtype=np.int64, count=len(cached))
         pieces = np.fromiter(chain.from_iterable(cached), dtype=np.int64, count=int(width.sum()))
         first = np.cumsum(width) - width

@@ -39,7 +39,10 @@ from router_worker.events import CATEGORIES, COMPLEXITIES
 log = structlog.get_logger(__name__)
 
 # (C, dense-block scale) per head, chosen on validation only (never test or holdout) with
-# mean+max pooled embeddings: a fixed choice keeps a training run to four fits.
+# mean pooled embeddings + max over their 64-d projection: a fixed choice keeps a training run
+# to four fits. Category grid, validation macro-F1 of train-only fits: C in {8, 16, 24, 32, 64}
+# x scale in {0.02, 0.03, 0.05, 0.07, 0.1, 0.2}; C=16/0.05 best (0.914), class_weight=balanced
+# lower (0.905).
 HEAD_PARAMS = {"y_cat": (16.0, 0.05), "y_cx": (16.0, 0.03)}
 ENCODER_THRESHOLD = 0.5
 

@@ -23,6 +23,8 @@ from router_worker.classify.cpu import (
     char_ngrams,
     hash_dir,
     load_cpu_engine,
+    pool,
+    principal_directions,
     segment_sum,
 )
 from router_worker.classify.engine import Engine
@@ -112,6 +114,43 @@ def test_scores_are_a_distribution_over_categories(engine: CpuEngine) -> None:
 
 def test_empty_batch_gives_empty_list(engine: CpuEngine) -> None:
     assert engine.classify([]) == []
+
+
+def test_fast_head_matches_the_trained_linear_head(engine: CpuEngine) -> None:
+    feats = engine.encoder.features(TEXTS)
+    want = engine.head.logits(feats.dense, feats)
+    got = engine.fast.logits(TEXTS)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_head_skips_bag_rows_training_never_used(static_model: Path, tmp_path: Path) -> None:
+    path = _publish(tmp_path, "cpu-v1", static_model)
+    artifact = load_artifact(tmp_path)
+    w_bag = artifact.arrays["w_bag"].copy()
+    w_bag[len(WORDS) :] = 0.0  # only unigram rows used: every hashed bucket is dead
+    arrays = {**artifact.arrays, "w_bag": w_bag}
+    np.savez(path / "head.npz", **arrays)
+    engine = load_cpu_engine(tmp_path, static_model)
+    assert engine.fast.table.shape[0] == 2 * len(WORDS) + 1  # token rows, used rows, zero row
+    feats = engine.encoder.features(TEXTS)
+    np.testing.assert_allclose(
+        engine.fast.logits(TEXTS), engine.head.logits(feats.dense, feats), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_pool_sums_and_maxes_per_text_with_empty_texts() -> None:
+    rows = np.array([[1, -2], [3, 4], [-5, 6]], dtype=np.float32)
+    counts = np.array([0, 2, 0, 1])
+    np.testing.assert_array_equal(pool(rows, counts), [[0, 0], [4, 2], [0, 0], [-5, 6]])
+    np.testing.assert_array_equal(pool(rows, counts, np.maximum), [[0, 0], [3, 4], [0, 0], [-5, 6]])
+
+
+def test_principal_directions_are_orthonormal_and_deterministic() -> None:
+    table = np.random.default_rng(3).normal(size=(50, 8)).astype(np.float32)
+    v = principal_directions(table, 4)
+    assert v.shape == (8, 4)
+    np.testing.assert_allclose(v.T @ v, np.eye(4), atol=1e-5)
+    np.testing.assert_array_equal(v, principal_directions(table.copy(), 4))
 
 
 def test_segment_sum_handles_empty_groups() -> None:
