@@ -23,7 +23,7 @@ help:
 $(INSTALLED): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,ml]'
+	$(BIN)/python -m pip install -q -e '.[dev,ml,plot]'
 	@touch $@
 
 venv: $(INSTALLED)

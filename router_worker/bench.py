@@ -46,6 +46,16 @@ def load_prompts(limit: int = 5000) -> list[str]:
     return prompts[:limit] or FALLBACK_PROMPTS
 
 
+# Unique prompts defeat the decision cache, so every request pays for classification: the
+# benchmark reports the cost of new traffic, not of repeats (set ROUTER_BENCH_REPEAT=1 to reuse).
+UNIQUE_PROMPTS = os.environ.get("ROUTER_BENCH_REPEAT") != "1"
+
+
+def _prompt(prompts: list[str], index: int, rid: str) -> str:
+    base = prompts[index % len(prompts)]
+    return f"{base} [{rid}]" if UNIQUE_PROMPTS else base
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100)."""
     if not values:
@@ -122,7 +132,7 @@ async def preload(settings: Settings, prompts: list[str], n: int, tag: str) -> l
     try:
         futures = []
         for i, rid in enumerate(ids):
-            body = {"request_id": rid, "tenant_id": "bench", "prompt": prompts[i % len(prompts)]}
+            body = {"request_id": rid, "tenant_id": "bench", "prompt": _prompt(prompts, i, rid)}
             futures.append(
                 await producer.send(
                     settings.topic(topics.REQUESTED), orjson.dumps(body), key=rid.encode()
@@ -226,7 +236,7 @@ async def offered_load(
                 body = {
                     "request_id": rid,
                     "tenant_id": "bench",
-                    "prompt": prompts[i % len(prompts)],
+                    "prompt": _prompt(prompts, i, rid),
                 }
                 sent[rid] = time.monotonic()
                 futures.append(
@@ -244,6 +254,65 @@ async def offered_load(
     finally:
         await producer.stop()
     return [(watcher.arrivals[r] - t) * 1000 for r, t in sent.items() if r in watcher.arrivals]
+
+
+async def soak(
+    settings: Settings,
+    prompts: list[str],
+    rate: float,
+    seconds: float,
+    watcher: OutputWatcher,
+    pids: list[int],
+    every_s: float = 10.0,
+) -> list[dict[str, float]]:
+    """Offered load for `seconds`, sampling routed/s and worker RSS every `every_s`."""
+    samples: list[dict[str, float]] = []
+
+    async def sample() -> None:
+        began = time.monotonic()
+        last = len(watcher.arrivals)
+        while True:
+            await asyncio.sleep(every_s)
+            now = len(watcher.arrivals)
+            samples.append(
+                {
+                    "t_s": round(time.monotonic() - began, 1),
+                    "routed_per_s": round((now - last) / every_s, 1),
+                    "rss_mb": sum(rss_mb(p) for p in pids),
+                }
+            )
+            last = now
+
+    sampler = asyncio.create_task(sample())
+    try:
+        await offered_load(settings, prompts, rate, seconds, watcher)
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+    return samples
+
+
+def plot_latencies(latencies: list[float], path: Path, title: str) -> None:
+    """Latency histogram PNG (needs matplotlib: the `plot` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'router-worker[plot]'") from exc
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.hist(latencies, bins=80, color="#3b6ea5")
+    for q, style in ((50, "-"), (95, "--"), (99, ":")):
+        value = percentile(latencies, q)
+        ax.axvline(value, color="black", linestyle=style, label=f"p{q} = {value:.1f} ms")
+    ax.set_xlabel("end-to-end latency (ms): publish -> decision consumed")
+    ax.set_ylabel("requests")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 async def count_rows(dsn: str, schema: str) -> int:
@@ -271,6 +340,8 @@ async def run_bench(
     latency_seconds: float,
     separate_sink: bool = True,
     workers: int = 1,
+    soak_seconds: float = 0.0,
+    plot: Path | None = None,
 ) -> dict[str, Any]:
     """The whole benchmark in one run; returns the JSON object."""
     base = {
@@ -368,6 +439,13 @@ async def run_bench(
                 await asyncio.sleep(0.05)
             sink_rate = round(requests / max(time.monotonic() - first_out, 1e-6), 1)
             latencies = await offered_load(s_pipe, prompts, rate, latency_seconds, watcher)
+            soak_samples = (
+                await soak(
+                    s_pipe, prompts, rate, soak_seconds, watcher, [p.pid for p in procs[:workers]]
+                )
+                if soak_seconds > 0
+                else []
+            )
             rss_end = sum(rss_mb(p.pid) for p in procs[:workers])
         finally:
             for child in procs:
@@ -379,7 +457,7 @@ async def run_bench(
             await conn.close()
     finally:
         await stack.stop()
-    return {
+    result: dict[str, Any] = {
         "passthrough_per_s": passthrough_rate,
         "pipeline_per_s": pipeline_rate,
         "ratio": round(pipeline_rate / passthrough_rate, 3) if passthrough_rate else None,
@@ -395,8 +473,15 @@ async def run_bench(
         "sink_rows_per_s": sink_rate,
         "sink": "separate process" if separate_sink else "in the worker process",
         "workers": workers,
+        "unique_prompts": UNIQUE_PROMPTS,
         "rss_mb": max(rss_start, rss_end),
         "rss_mb_start": rss_start,
         "rss_mb_end": rss_end,
         "cpu_count": os.cpu_count(),
     }
+    if soak_seconds > 0:
+        result["soak"] = {"duration_s": soak_seconds, "offered_rate": rate, "samples": soak_samples}
+    if plot is not None:
+        plot_latencies(latencies, plot, f"router-worker, {engine} engine, {rate:.0f} req/s offered")
+        result["plot"] = str(plot)
+    return result

@@ -33,6 +33,19 @@ import orjson
     show_default=True,
     help="route worker processes in the one consumer group (scale-out)",
 )
+@click.option(
+    "--duration",
+    "soak_seconds",
+    default=0.0,
+    show_default=True,
+    help="soak: keep the offered load this many seconds, sampling throughput and RSS",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="write a latency histogram PNG (plot extra)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
 @click.option(
     "--out",
@@ -48,6 +61,8 @@ def bench_command(
     latency_seconds: float,
     separate_sink: bool,
     workers: int,
+    soak_seconds: float,
+    plot: Path | None,
     run_dir: Path,
     as_json: bool,
     out: Path | None,
@@ -58,7 +73,16 @@ def bench_command(
     run_dir.mkdir(parents=True, exist_ok=True)
     result = asyncio.run(
         run_bench(
-            n, rate, engine, bootstrap, run_dir.resolve(), latency_seconds, separate_sink, workers
+            n,
+            rate,
+            engine,
+            bootstrap,
+            run_dir.resolve(),
+            latency_seconds,
+            separate_sink,
+            workers,
+            soak_seconds,
+            plot,
         )
     )
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
