@@ -326,9 +326,7 @@ async def count_rows(dsn: str, schema: str) -> int:
 
 
 def settings_for(env: dict[str, str]) -> Settings:
-    return Settings.model_validate(
-        {k.removeprefix("ROUTER_").lower(): v for k, v in env.items() if k.startswith("ROUTER_")}
-    )
+    return Settings.from_env(env)
 
 
 async def run_bench(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -103,6 +104,14 @@ class Settings(BaseSettings):
         "auto", description="json, console (pretty), or auto: json unless stderr is a terminal"
     )
     log_prompts: bool = Field(False, description="log prompt text (off: hash and length only)")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Settings from an explicit `ROUTER_*` mapping (a child process's environment, a test's
+        isolation), never from this process's own environment."""
+        prefix = "ROUTER_"
+        fields = {k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)}
+        return cls.model_validate(fields)
 
     def topic(self, name: str) -> str:
         """Full topic name with this deployment's prefix."""

@@ -75,9 +75,7 @@ async def isolated(stack_env: dict[str, str]) -> AsyncIterator[dict[str, str]]:
 
 def settings_from(env: dict[str, str]) -> Settings:
     """Settings built from an env mapping (never from this process's environment)."""
-    fields = {k.removeprefix("ROUTER_").lower(): v for k, v in env.items()
-              if k.startswith("ROUTER_")}
-    return Settings.model_validate(fields)
+    return Settings.from_env(env)
 
 
 @pytest.fixture

@@ -107,9 +107,7 @@ async def _run(run_dir: Path, examples: Path, exit_when_done: bool, timeout: flo
     for name in ("ROUTER_KAFKA_BOOTSTRAP", "ROUTER_REDIS_URL", "ROUTER_DATABASE_URL"):
         kind = "embedded" if name in urls.env() else "configured"
         click.echo(f"    {name}={env.get(name, '(default)')}  [{kind}]")
-    settings = Settings.model_validate(
-        {k.removeprefix("ROUTER_").lower(): v for k, v in env.items() if k.startswith("ROUTER_")}
-    )
+    settings = Settings.from_env(env)
     worker: _Worker | None = None
     try:
         for line in await apply_topics(settings):
