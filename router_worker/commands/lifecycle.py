@@ -108,8 +108,13 @@ def replay_command(topic: str, from_time: str | None, to_time: str | None,
               help="synthetic requests to generate into a throwaway topic")
 @click.option("--artifact", default=None, help="artifact dir or version (default: live)")
 @click.option("--batch-size", type=int, default=2048, show_default=True)
-def replay_bench_command(n: int, artifact: str | None, batch_size: int) -> None:
-    """Replay throughput vs the engine's own classification rate, and RSS, as JSON."""
+@click.option("--live-requests", type=int, default=20_000, show_default=True,
+              help="also route this many requests through a live worker on the same broker, "
+              "in the same run, for the replay / live pipeline ratio (0: skip)")
+def replay_bench_command(n: int, artifact: str | None, batch_size: int,
+                         live_requests: int) -> None:
+    """Replay throughput vs the live pipeline and the engine's own rate, and RSS, as JSON."""
+    from router_worker.bench import run_bench
     from router_worker.replay_bench import run_replay_bench
 
     settings = get_settings()
@@ -118,6 +123,17 @@ def replay_bench_command(n: int, artifact: str | None, batch_size: int) -> None:
     except RouterError as exc:
         _fail(exc)
         return
+    if live_requests > 0:
+        run_dir = Path(".run/bench").resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        live = asyncio.run(run_bench(live_requests, 1000.0, settings.engine,
+                                     settings.kafka_bootstrap, run_dir, 0.0))
+        live_rate = float(live["pipeline_per_s"] or 0.0)
+        result["live_pipeline_per_s"] = live_rate
+        result["live_engine"] = settings.engine
+        result["ratio_vs_live_pipeline"] = (
+            round(result["replayed_per_s"] / live_rate, 3) if live_rate else None
+        )
     _echo_json(result)
 
 

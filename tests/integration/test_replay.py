@@ -197,3 +197,36 @@ async def test_record_export_train_replay_in_shadow_then_promote(
         assert reply.event["prompt"] == "hello there"  # store_prompts tenant
     finally:
         worker.stop()
+
+
+async def test_export_takes_prompts_from_the_requested_topic_for_tenants_that_do_not_store_them(
+    isolated: dict[str, str], workdir: Path,
+) -> None:
+    """Tenants without `store_prompts` leave no prompt in Postgres; `--from-topic` joins the
+    prompt back from routing.requested.v1 by request_id, within retention."""
+    corpus = _corpus(30)
+    settings = settings_from(isolated)
+    worker = WorkerProcess(isolated, workdir).start()
+    try:
+        await worker.wait_ready()
+        await _publish(settings, settings.topic(topics.REQUESTED), [
+            {"request_id": f"p{i}", "tenant_id": "private", "prompt": r["prompt"]}
+            for i, r in enumerate(corpus)])
+        assert await wait_rows(settings.database_url.get_secret_value(),
+                               settings.database_schema, 30) == 30, worker.tail()
+        await _publish(settings, settings.topic(topics.OUTCOME), [
+            {"request_id": f"p{i}", "tenant_id": "private", "model": "gpt-4o-mini",
+             "success": True, "latency_ms": 50.0, "label": r["category"]}
+            for i, r in enumerate(corpus)])
+        assert await _wait_outcomes(settings, 30) == 30, worker.tail()
+    finally:
+        worker.stop()
+    without = workdir / "without.jsonl"
+    _cli(isolated, "dataset", "export", "--from-postgres", "--out", str(without))
+    assert without.read_bytes().strip() == b""  # no prompt was stored for this tenant
+    joined = workdir / "joined.jsonl"
+    _cli(isolated, "dataset", "export", "--from-postgres", "--from-topic", "--out", str(joined))
+    lines = [orjson.loads(x) for x in joined.read_bytes().splitlines() if x.strip()]
+    expected = {r["prompt"]: r["category"] for r in corpus}
+    assert len(lines) == len(expected)
+    assert {line["prompt"]: line["category"] for line in lines} == expected
