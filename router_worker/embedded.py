@@ -264,6 +264,13 @@ def _make_traversable(path: Path) -> None:
 _LIVE: set[EmbeddedStack] = set()
 
 
+def _run_as(account: pwd.struct_passwd | None) -> dict[str, Any]:
+    """subprocess keyword arguments that drop a child to `account` (none: run as we are)."""
+    if account is None:
+        return {}
+    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+
+
 @atexit.register
 def _kill_leftovers() -> None:
     for stack in list(_LIVE):
@@ -402,9 +409,7 @@ class EmbeddedStack:
         account: pwd.struct_passwd | None = None,
     ) -> _Child:
         log_path = self._log_path(service)
-        ids: dict[str, Any] = {}
-        if account is not None:
-            ids = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+        ids = _run_as(account)
         with log_path.open("ab") as log_file:
             proc = subprocess.Popen(
                 argv,
@@ -501,9 +506,7 @@ class EmbeddedStack:
 
     def _initdb(self, initdb: Path, pgdata: Path, account: pwd.struct_passwd | None) -> None:
         log_path = self._log_path("postgres")
-        ids: dict[str, Any] = {}
-        if account is not None:
-            ids = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+        ids = _run_as(account)
         # fmt: off
         argv = [
             str(initdb), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
