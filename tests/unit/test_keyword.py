@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from router_worker.classify.keyword import KeywordEngine, estimate_complexity
+import re
+
+from router_worker.classify.keyword import KeywordEngine, estimate_complexity, phrase_pattern
 from router_worker.events import Tier
 
 ENGINE = KeywordEngine({"code": ["python", "stack trace"], "ops": ["kubernetes"],
@@ -32,3 +34,17 @@ def test_long_structured_prompts_are_complex() -> None:
     assert estimate_complexity("hi")[0] == "simple"
     long = "Please design a detailed architecture.\n1. ingest\n2. store\n3. serve\n" + "word " * 80
     assert estimate_complexity(long)[0] == "complex"
+
+
+def test_phrase_trie_prefers_the_longest_whole_phrase() -> None:
+    phrases = ["ci", "ci/cd", "c++", "stack", "stack trace"]
+    pattern = re.compile(r"(?<!\w)(" + phrase_pattern(phrases) + r")(?!\w)")
+    assert pattern.findall("ci/cd broke, c++ stack trace, ci and stacks") == [
+        "ci/cd", "c++", "stack trace", "ci"]
+
+
+def test_a_word_seen_again_is_answered_from_memory_with_the_same_result() -> None:
+    engine = KeywordEngine({"ops": ["kubernetes"]})
+    first = engine.classify(["kubernetse is down"])[0]
+    assert engine._memo["kubernetse"] == "kubernetes"
+    assert engine.classify(["kubernetse is down"])[0] == first
