@@ -242,17 +242,9 @@ class Router:
         }
         if store_prompt:  # opt-in per tenant: the training set for `dataset export`
             event["prompt"] = request.text()
+        # No log line per decision: the completed event itself is the record (topic and
+        # Postgres), and even a filtered structlog call costs a bind per request here.
         headers = propagate_headers(inbound, request.request_id)
-        # debug: a line per request is too much at info; filtered calls cost next to nothing
-        log.debug(
-            "request_decided",
-            request_id=request.request_id,
-            correlation_id=_correlation_id(headers),
-            tenant_id=request.tenant_id,
-            model=choice.model,
-            tier=prediction.tier.value,
-            policy=choice.policy,
-        )
         return Outgoing(
             self.completed_topic,
             request.request_id.encode(),
