@@ -40,8 +40,9 @@ def cpu_metrics(cpu_engine: Engine, test_split: list[Record]) -> dict[str, objec
 
 
 @pytest.mark.xfail(
-    reason="issue #4 target macro-F1 >= 0.90 not reached yet: 0.880 on the test split "
-    "(validation 0.912, holdout 0.887); see the issue note",
+    reason="issue #4 target macro-F1 >= 0.90 not reached yet: 0.873 on the test split, which "
+    "is 28% non-English since the corpus grew to 5,242 prompts (English 0.916, other languages "
+    "0.757; holdout 0.942); see the issue note",
     strict=False,
 )
 def test_cpu_engine_macro_f1_on_test_split_reaches_the_target(
@@ -53,8 +54,9 @@ def test_cpu_engine_macro_f1_on_test_split_reaches_the_target(
 def test_cpu_engine_macro_f1_on_test_split_does_not_regress(
     cpu_metrics: dict[str, float],
 ) -> None:
-    # The level reached so far; a change that drops below it is a regression.
-    assert cpu_metrics["macro_f1"] >= 0.87
+    # The level reached so far (0.873), less a little room for retraining noise; a change
+    # that drops below it is a regression.
+    assert cpu_metrics["macro_f1"] >= 0.86
 
 
 def test_batched_predictions_equal_per_item_predictions(
