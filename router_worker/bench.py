@@ -72,6 +72,9 @@ class OutputWatcher:
     settings: Settings
     topic_names: list[str]
     arrivals: dict[str, float] = field(default_factory=dict)
+    # request_id -> the decision's own timings_ms, for requests whose id starts with `timed`
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    timed: str = "lat-"
     _task: asyncio.Task[None] | None = None
     _consumer: AIOKafkaConsumer | None = None
 
@@ -103,6 +106,8 @@ class OutputWatcher:
                 for record in records:
                     key = (record.key or b"").decode()
                     self.arrivals.setdefault(key, now)
+                    if key.startswith(self.timed) and record.value:
+                        self.timings[key] = orjson.loads(record.value).get("timings_ms") or {}
 
     async def wait_for(self, n: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -122,6 +127,17 @@ class OutputWatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._consumer is not None:
             await self._consumer.stop()
+
+
+def worker_timings(timings: dict[str, dict[str, float]]) -> dict[str, float]:
+    """p50/p99 of each stage the decisions report (queue, enrich, classify, total)."""
+    out: dict[str, float] = {}
+    for stage in ("queue", "enrich", "classify", "total"):
+        values = [t[stage] for t in timings.values() if stage in t]
+        if values:
+            out[f"{stage}_p50"] = percentile(values, 50)
+            out[f"{stage}_p99"] = percentile(values, 99)
+    return out
 
 
 async def preload(settings: Settings, prompts: list[str], n: int, tag: str) -> list[str]:
@@ -464,6 +480,9 @@ async def run_bench(
             "p95": percentile(latencies, 95),
             "p99": percentile(latencies, 99),
         },
+        # Where the time went, from the decisions themselves: `queue` = publish -> the worker
+        # starts the batch (broker and fetch wait), `total` = queue + enrich + classify.
+        "worker_timings_ms": worker_timings(watcher.timings),
         "offered_rate": rate,
         "latency_requests": len(latencies),
         "engine": engine,

@@ -51,7 +51,10 @@ class Settings(BaseSettings):
     )
 
     # --- the app and its consumer groups ---------------------------------------------------
-    app_id: str = Field("router-worker", description="Faust app id = the route consumer group")
+    app_id: str = Field(
+        "router-worker",
+        description="the route consumer group; the Faust app (outcome agent) is `<app_id>-outcome`",
+    )
     topic_partitions: int = Field(4, ge=1, description="partitions of the routing topics")
     web_port: int = Field(6066, ge=0, le=65535, description="worker web port (metrics, health)")
     session_timeout_s: float = Field(
@@ -73,7 +76,10 @@ class Settings(BaseSettings):
         None, description="topic definitions for `topics apply` (default: the repo's topics/)"
     )
     max_batch: int = Field(512, ge=1, description="largest micro-batch the route agent takes")
-    max_wait_ms: float = Field(10.0, gt=0, description="longest wait to fill a micro-batch")
+    max_wait_ms: float = Field(
+        10.0, gt=0,
+        description="longest a fetch waits for records; a batch is what came, up to max_batch",
+    )
     max_prompt_bytes: int = Field(65536, ge=1, description="prompt text above this is too_large")
     engine: EngineName = Field("cpu", description="classifier engine: keyword, cpu or vllm")
     artifact: Path = Field(DEFAULT_ARTIFACT, description="classifier artifact directory")

@@ -85,6 +85,8 @@ class Router:
         self.completed_topic = settings.topic(topics.COMPLETED)
         self.failed_topic = settings.topic(topics.FAILED)
         self._unhealthy_seen: frozenset[str] | None = None
+        # Checked once: even a filtered structlog call costs a logger bind per request.
+        self._log_decisions = settings.log_level == "debug"
 
     async def route(self, batch: Sequence[Inbound]) -> list[Outgoing]:
         """Route a batch; every input yields exactly one output record."""
@@ -242,9 +244,17 @@ class Router:
         }
         if store_prompt:  # opt-in per tenant: the training set for `dataset export`
             event["prompt"] = request.text()
-        # No log line per decision: the completed event itself is the record (topic and
-        # Postgres), and even a filtered structlog call costs a bind per request here.
         headers = propagate_headers(inbound, request.request_id)
+        if self._log_decisions:
+            log.debug(
+                "request_decided",
+                request_id=request.request_id,
+                correlation_id=_correlation_id(headers),
+                tenant_id=request.tenant_id,
+                model=choice.model,
+                tier=prediction.tier.value,
+                policy=choice.policy,
+            )
         return Outgoing(
             self.completed_topic,
             request.request_id.encode(),

@@ -1,0 +1,245 @@
+"""The route agent's Kafka side: micro-batches from aiokafka, batched produce, ordered commits.
+
+It runs as a service of the Faust app (`faust -A router_worker worker` starts it, Faust's web
+server serves its metrics and readiness), but reads `routing.requested.v1` with its own aiokafka
+consumer instead of a Faust stream. Faust's per-event stream machinery (event objects, sensors,
+per-record acks, a consumer thread competing for the GIL) capped the whole worker near 2,000
+requests/s on two cores; `getmany` hands over a whole fetch as one list, so the per-request
+cost is our own routing work (see benchmarks/README.md).
+
+Delivery: a batch's offsets are committed only after every record it produced is acknowledged
+by the broker, and strictly in batch order; on a rebalance and on shutdown everything routed
+is delivered and committed before the partitions are released. A crash re-reads what was not
+committed (at-least-once; the sink is idempotent on request_id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from mode import Service
+
+from router_worker import topics
+from router_worker.agents.route import Outgoing
+from router_worker.agents.runtime import RouteRuntime
+from router_worker.kafka import consumer_options, producer_options
+from router_worker.metrics import Metrics
+from router_worker.settings import Settings
+from router_worker.validate import Inbound
+
+log = structlog.get_logger(__name__)
+
+_PRODUCE_BACKOFF_MAX_S = 5.0
+_FETCH_BACKOFF_S = 0.2
+
+Send = Callable[[Outgoing], Awaitable[Awaitable[Any]]]
+
+
+async def enqueue(send: Send, outgoing: Sequence[Outgoing]) -> list[Awaitable[Any]]:
+    """Hand a whole batch to a producer at once; one delivery future per record."""
+    return [await send(o) for o in outgoing]
+
+
+async def deliver(
+    send: Send, outgoing: Sequence[Outgoing], futures: list[Awaitable[Any]] | None = None
+) -> None:
+    """Wait until the broker acknowledged every record; on failure resend the whole batch with
+    backoff (duplicates are fine: the sink is idempotent), never skip it."""
+    delay = 0.1
+    while True:
+        try:
+            pending = futures if futures is not None else await enqueue(send, outgoing)
+            await asyncio.gather(*pending)
+            return
+        except Exception as exc:  # any produce failure: back off and resend the whole batch
+            log.error(
+                "produce_failed", records=len(outgoing), retry_in_s=delay, error=repr(exc)[:300]
+            )
+            futures = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _PRODUCE_BACKOFF_MAX_S)
+
+
+def inbound_from_record(record: Any) -> Inbound:
+    """Our view of an aiokafka record: raw bytes and where they came from."""
+    return Inbound(
+        value=record.value,
+        key=record.key,
+        headers=tuple((str(k), bytes(v or b"")) for k, v in record.headers or ()),
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        timestamp_ms=float(record.timestamp or 0),
+    )
+
+
+class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Before partitions move, finish and commit everything routed from them."""
+
+    def __init__(self, agent: RouteAgent) -> None:
+        self.agent = agent
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.agent.quiesce()
+        log.info("route_partitions_revoked", partitions=len(revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.agent.learn_committed(assigned)
+        log.info("route_partitions_assigned", partitions=len(assigned))
+
+
+class RouteAgent(Service):
+    """Consumes requests in micro-batches, routes them, produces decisions, commits."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, **kwargs: Any) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.runtime: RouteRuntime | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        # Confirmations (deliver, then commit) in batch order; at most max_inflight_batches.
+        self.inflight: deque[asyncio.Future[None]] = deque()
+        # Held from a fetch until its batch is queued for confirmation: a revocation waits for it.
+        self._batch_lock = asyncio.Lock()
+        self._loop_done = asyncio.Event()
+        self.committed: dict[TopicPartition, int] = {}
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        settings = self.settings
+        self.runtime = await RouteRuntime.start(settings, self.metrics)
+        self.producer = AIOKafkaProducer(**producer_options(settings))
+        await self.producer.start()
+        self.consumer = AIOKafkaConsumer(
+            **consumer_options(settings),
+            group_id=settings.app_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(settings.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(settings.heartbeat_interval_s * 1000),
+            rebalance_timeout_ms=int(max(settings.session_timeout_s * 2, 4.0) * 1000),
+            max_poll_records=settings.max_batch,
+        )
+        self.consumer.subscribe([settings.topic(topics.REQUESTED)], listener=_DrainOnRevoke(self))
+        await self.consumer.start()
+        self.add_future(self._run())
+
+    async def on_stop(self) -> None:
+        # Graceful drain: the loop stops after its current batch, then every routed batch is
+        # delivered and committed before the consumer leaves the group.
+        if self.consumer is not None:
+            try:
+                await asyncio.wait_for(self._loop_done.wait(), timeout=30)
+            except TimeoutError:
+                log.error("route_drain_timeout")
+            await self.quiesce()
+            await self.consumer.stop()
+        if self.producer is not None:
+            await self.producer.stop()
+        if self.runtime is not None:
+            await self.runtime.stop()
+            self.runtime = None
+
+    async def quiesce(self) -> None:
+        """Wait until no batch is being routed and every queued one is committed."""
+        async with self._batch_lock:
+            await asyncio.gather(*self.inflight, return_exceptions=True)
+            self.inflight.clear()
+
+    async def learn_committed(self, assigned: list[TopicPartition]) -> None:
+        """The group's committed offsets of newly assigned partitions, for the lag gauge."""
+        assert self.consumer is not None
+        self.committed = {tp: n for tp, n in self.committed.items() if tp in assigned}
+        for tp in assigned:
+            try:
+                committed = await self.consumer.committed(tp)
+            except KafkaError:
+                continue  # the gauge only; the next commit fills it in
+            if committed is not None:
+                self.committed.setdefault(tp, committed)
+
+    async def _run(self) -> None:
+        try:
+            while not self.should_stop:
+                await self._step()
+        finally:
+            self._loop_done.set()
+
+    async def _step(self) -> None:
+        assert self.consumer is not None
+        assert self.runtime is not None
+        try:
+            batches = await self.consumer.getmany(
+                timeout_ms=int(self.settings.max_wait_ms), max_records=self.settings.max_batch
+            )
+        except KafkaError as exc:
+            log.warning("route_fetch_failed", error=repr(exc)[:200])
+            await asyncio.sleep(_FETCH_BACKOFF_S)
+            return
+        if not batches:
+            return
+        async with self._batch_lock:
+            records = [r for rs in batches.values() for r in rs]
+            offsets = {tp: rs[-1].offset + 1 for tp, rs in batches.items()}
+            self.runtime.maybe_reload()
+            outgoing = await self.runtime.route([inbound_from_record(r) for r in records])
+            futures = await enqueue(self._send, outgoing)
+            previous = self.inflight[-1] if self.inflight else None
+            self.inflight.append(
+                asyncio.ensure_future(self._confirm(outgoing, futures, offsets, previous))
+            )
+        # Backpressure: route ahead of the broker's acknowledgements by at most `depth` batches.
+        depth = self.settings.max_inflight_batches
+        while self.inflight and (self.inflight[0].done() or len(self.inflight) > depth):
+            await self.inflight.popleft()
+
+    async def _send(self, o: Outgoing) -> Awaitable[Any]:
+        assert self.producer is not None
+        future: Awaitable[Any] = await self.producer.send(
+            o.topic, o.value, key=o.key, headers=o.headers
+        )
+        return future
+
+    async def _confirm(
+        self,
+        outgoing: list[Outgoing],
+        futures: list[Awaitable[Any]],
+        offsets: dict[TopicPartition, int],
+        previous: asyncio.Future[None] | None,
+    ) -> None:
+        """Commit a batch's offsets once its outputs are durable, never before the previous
+        batch's: committing out of order could skip a record that was never delivered."""
+        await deliver(self._send, outgoing, futures)
+        if previous is not None:
+            await asyncio.wait([previous])
+        await self._commit(offsets)
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        assert self.consumer is not None
+        try:
+            await self.consumer.commit(offsets)
+            self.committed.update(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # The partitions moved before the commit: their new owner re-reads from the last
+            # committed offset and the idempotent sink absorbs the repeats.
+            log.warning("route_commit_failed", error=repr(exc)[:200])
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Records behind the partition end per assigned partition, from what the consumer
+        already knows (highwater from the last fetch, our last commit): no broker request."""
+        if self.consumer is None:
+            return {}
+        lag: dict[tuple[str, int], int] = {}
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            done = self.committed.get(tp, 0)
+            lag[(tp.topic, tp.partition)] = max(int(high) - int(done), 0)
+        return lag
