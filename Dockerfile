@@ -77,7 +77,7 @@ WORKDIR /app
 COPY --chown=router:router topics/ /app/topics/
 # `topics apply` reads the definitions from here (ROUTER_TOPICS_DIR).
 ENV ROUTER_TOPICS_DIR=/app/topics
-RUN mkdir -p /app/models /app/artifacts /app/router-worker-data \
+RUN mkdir -p /app/models /app/artifacts /app/router-worker-outcome-data \
  && chown -R router:router /app
 
 USER ${UID}:${UID}

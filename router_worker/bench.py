@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
+import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from router_worker import topics
@@ -127,6 +128,22 @@ class OutputWatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._consumer is not None:
             await self._consumer.stop()
+
+
+async def drop_keys(url: str, prefix: str) -> None:
+    """Remove the run's Redis keys (cache entries, counters): a benchmark leaves nothing."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"{prefix}*", count=10_000):
+            batch.append(key)
+            if len(batch) >= 10_000:
+                await client.unlink(*batch)
+                batch.clear()
+        if batch:
+            await client.unlink(*batch)
+    finally:
+        await client.aclose()
 
 
 def worker_timings(timings: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -469,6 +486,7 @@ async def run_bench(
             conn = await asyncpg.connect(dsn)
             await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(tag)} CASCADE")
             await conn.close()
+            await drop_keys(s_pipe.redis_url.get_secret_value(), s_pipe.redis_prefix)
     finally:
         await stack.stop()
     result: dict[str, Any] = {

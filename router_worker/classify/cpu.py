@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -171,39 +171,32 @@ class StaticEncoder:
     def token_ids(self, texts: Sequence[str]) -> tuple[I64, I64]:
         """Flat token ids and the text each belongs to (unknown tokens dropped), in one batch.
 
-        WordPiece works word by word, so the batch's distinct whitespace words are tokenized
-        once, in one call, and each text is stitched together from its words' pieces: a batch
-        pays for its vocabulary, not for every repeat of "the".
+        WordPiece works word by word, so each whitespace word's pieces come from a cache (one
+        C-level dict lookup per word); only words never seen go to the tokenizer, all in one
+        call. The pieces are then laid out flat with their owners, without a text loop.
         """
         n = len(texts)
         per_text = [t[:_MAX_CHARS].lower().split() for t in texts]
         words = list(chain.from_iterable(per_text))
-        distinct = {w: i for i, w in enumerate(dict.fromkeys(words))}
-        n_words = np.fromiter(map(len, per_text), dtype=np.int64, count=n)
-        occ = np.fromiter(map(distinct.__getitem__, words), dtype=np.int64, count=len(words))
-        if not distinct:
+        if not words:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        # One C-level pass over the cache; only a batch with unseen words pays for a second.
-        hits = list(map(self._pieces.get, distinct))
-        if None in hits:
-            table = self._word_pieces(distinct)
-            hits = list(map(table.__getitem__, distinct))
-        cached = cast(list[tuple[int, ...]], hits)
-        width = np.fromiter(map(len, cached), dtype=np.int64, count=len(cached))
-        pieces = np.fromiter(chain.from_iterable(cached), dtype=np.int64, count=int(width.sum()))
-        first = np.cumsum(width) - width
-        lengths = width[occ]
-        total = int(lengths.sum())
-        # Ragged gather: occurrence k takes lengths[k] pieces starting at first[occ[k]].
-        begin = np.cumsum(lengths) - lengths
-        flat = pieces[np.arange(total) - np.repeat(begin - first[occ], lengths)]
-        owner = np.repeat(np.repeat(np.arange(n, dtype=np.int64), n_words), lengths)
-        per = np.bincount(owner, minlength=n)
+        pieces = list(map(self._pieces.get, words))
+        if None in pieces:
+            table = self._word_pieces(dict.fromkeys(words))
+            pieces = list(map(table.__getitem__, words))
+        found = cast(list[tuple[int, ...]], pieces)
+        width = np.fromiter(map(len, found), dtype=np.int64, count=len(found))
+        total = int(width.sum())
+        flat = np.fromiter(chain.from_iterable(found), dtype=np.int64, count=total)
+        n_words = np.fromiter(map(len, per_text), dtype=np.int64, count=n)
+        word_owner = np.repeat(np.arange(n, dtype=np.int64), n_words)
+        per = np.bincount(word_owner, weights=width, minlength=n).astype(np.int64)
+        owner = np.repeat(np.arange(n, dtype=np.int64), per)
         position = np.arange(total) - np.repeat(np.cumsum(per) - per, per)
         keep = (flat != self.unk_id) & (position < MAX_TOKENS)
         return flat[keep], owner[keep]
 
-    def _word_pieces(self, words: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    def _word_pieces(self, words: Iterable[str]) -> dict[str, tuple[int, ...]]:
         """The WordPiece ids of each word, from a bounded cache; misses go in one encode call."""
         cache = self._pieces
         missing = [w for w in words if w not in cache]

@@ -110,7 +110,9 @@ def _inbound(value: bytes, key: bytes, headers: tuple[tuple[str, bytes], ...] = 
 async def test_router_log_lines_carry_ids_and_never_the_prompt() -> None:
     config = load_config(DEFAULT_CONFIG)
     cascade = Cascade(None, keyword_engine_from_config(config), config.thresholds)
-    router = Router(Settings(engine="keyword"), config, cascade, None, create_metrics())
+    # debug: the level at which every decision gets its own `request_decided` line
+    settings = Settings(engine="keyword", log_level="debug")
+    router = Router(settings, config, cascade, None, create_metrics())
     batch = [
         _inbound(orjson.dumps({"request_id": "ok-1", "tenant_id": "acme-budget",
                                "prompt": f"hello {CANARY}"}), b"ok-1",
