@@ -46,6 +46,17 @@ def processors(settings: Settings, json_logs: bool) -> list[Any]:
     return chain
 
 
+def quiet_kafka_client_logs(settings: Settings) -> None:
+    """Keep aiokafka's stdlib loggers at INFO or above, whatever the root level.
+
+    aiokafka logs every produced record at DEBUG with its key and value (the prompt), and Faust's
+    terminal spinner sets the root logger to DEBUG: every record then cost a LogRecord (~6% of
+    the route agent's time) and one debug handler away from a prompt in the logs.
+    """
+    level = max(_LEVELS[settings.log_level], logging.INFO)
+    logging.getLogger("aiokafka").setLevel(level)
+
+
 def configure_logging(settings: Settings) -> None:
     """Configure structlog (and stdlib logging under it) once per process."""
     json_logs = settings.log_format == "json" or (

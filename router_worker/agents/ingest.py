@@ -29,6 +29,7 @@ from router_worker import topics
 from router_worker.agents.route import Outgoing
 from router_worker.agents.runtime import RouteRuntime
 from router_worker.kafka import consumer_options, producer_options
+from router_worker.logs import quiet_kafka_client_logs
 from router_worker.metrics import Metrics
 from router_worker.settings import Settings
 from router_worker.validate import Inbound
@@ -113,6 +114,8 @@ class RouteAgent(Service):
 
     async def on_start(self) -> None:
         settings = self.settings
+        # Here rather than at import: Faust configures logging between the two.
+        quiet_kafka_client_logs(settings)
         self.runtime = await RouteRuntime.start(settings, self.metrics)
         self.producer = AIOKafkaProducer(**producer_options(settings))
         await self.producer.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +17,12 @@ from router_worker.agents.route import Router
 from router_worker.classify.cascade import Cascade
 from router_worker.classify.keyword import keyword_engine_from_config
 from router_worker.config import load_config
-from router_worker.logs import configure_logging, processors, redact_prompts
+from router_worker.logs import (
+    configure_logging,
+    processors,
+    quiet_kafka_client_logs,
+    redact_prompts,
+)
 from router_worker.metrics import create_metrics
 from router_worker.settings import DEFAULT_CONFIG, Settings
 from router_worker.validate import Inbound
@@ -132,3 +138,17 @@ async def test_router_log_lines_carry_ids_and_never_the_prompt() -> None:
     assert by_id["bad-1"]["correlation_id"] == "bad-1"
     assert by_id["none-1"]["tenant_id"] == "default"
     assert by_id["none-1"]["error_code"] == "no_eligible_model"
+
+
+def test_kafka_client_debug_records_are_never_built_even_under_a_debug_root() -> None:
+    # aiokafka's DEBUG line per produced record carries the record value: the prompt.
+    root = logging.getLogger()
+    before = root.level, logging.getLogger("aiokafka").level
+    try:
+        root.setLevel(logging.DEBUG)
+        quiet_kafka_client_logs(Settings(log_level="debug"))
+        assert not logging.getLogger("aiokafka.producer.producer").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("aiokafka.producer.producer").isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(before[0])
+        logging.getLogger("aiokafka").setLevel(before[1])
