@@ -67,7 +67,11 @@ class Settings(BaseSettings):
         "waiting fetches when data arrives, so this bounds queue latency there"
     )
     max_inflight_batches: int = Field(
-        4, ge=1, description="batches routed ahead while earlier ones await broker acknowledgement"
+        4, ge=1, description="batches between fetch and commit (routing or awaiting broker acks)"
+    )
+    route_concurrency: int = Field(
+        2, ge=1, le=16,
+        description="micro-batches routed at the same time; their commits stay in fetch order",
     )
 
     # --- routing -----------------------------------------------------------------------------

@@ -104,10 +104,11 @@ class RouteAgent(Service):
         self.runtime: RouteRuntime | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
-        # Confirmations (deliver, then commit) in batch order; at most max_inflight_batches.
+        # Batches between fetch and commit (route, deliver, commit), in fetch order.
         self.inflight: deque[asyncio.Future[None]] = deque()
-        # Held from a fetch until its batch is queued for confirmation: a revocation waits for it.
+        # Held from a fetch until its batch is queued: a revocation waits for it.
         self._batch_lock = asyncio.Lock()
+        self._routing = asyncio.Semaphore(settings.route_concurrency)
         self._loop_done = asyncio.Event()
         self.committed: dict[TopicPartition, int] = {}
         super().__init__(**kwargs)
@@ -150,7 +151,7 @@ class RouteAgent(Service):
             self.runtime = None
 
     async def quiesce(self) -> None:
-        """Wait until no batch is being routed and every queued one is committed."""
+        """Wait until every fetched batch is routed, delivered and committed."""
         async with self._batch_lock:
             await asyncio.gather(*self.inflight, return_exceptions=True)
             self.inflight.clear()
@@ -175,32 +176,45 @@ class RouteAgent(Service):
             self._loop_done.set()
 
     async def _step(self) -> None:
-        assert self.consumer is not None
-        assert self.runtime is not None
-        try:
-            batches = await self.consumer.getmany(
-                timeout_ms=int(self.settings.max_wait_ms), max_records=self.settings.max_batch
-            )
-        except KafkaError as exc:
-            log.warning("route_fetch_failed", error=repr(exc)[:200])
-            await asyncio.sleep(_FETCH_BACKOFF_S)
-            return
-        if not batches:
-            return
+        # The lock spans fetch to queueing, so a revocation (`quiesce`) sees every fetched
+        # batch in `inflight` and no new fetch starts until it is done.
         async with self._batch_lock:
+            assert self.consumer is not None
+            try:
+                batches = await self.consumer.getmany(
+                    timeout_ms=int(self.settings.max_wait_ms), max_records=self.settings.max_batch
+                )
+            except KafkaError as exc:
+                log.warning("route_fetch_failed", error=repr(exc)[:200])
+                await asyncio.sleep(_FETCH_BACKOFF_S)
+                return
+            if not batches:
+                return
             records = [r for rs in batches.values() for r in rs]
             offsets = {tp: rs[-1].offset + 1 for tp, rs in batches.items()}
-            self.runtime.maybe_reload()
-            outgoing = await self.runtime.route([inbound_from_record(r) for r in records])
-            futures = await enqueue(self._send, outgoing)
             previous = self.inflight[-1] if self.inflight else None
-            self.inflight.append(
-                asyncio.ensure_future(self._confirm(outgoing, futures, offsets, previous))
-            )
-        # Backpressure: route ahead of the broker's acknowledgements by at most `depth` batches.
+            self.inflight.append(asyncio.ensure_future(self._handle(records, offsets, previous)))
+        # Backpressure: at most `depth` batches between fetch and commit.
         depth = self.settings.max_inflight_batches
         while self.inflight and (self.inflight[0].done() or len(self.inflight) > depth):
             await self.inflight.popleft()
+
+    async def _handle(
+        self, records: list[Any], offsets: dict[TopicPartition, int],
+        previous: asyncio.Future[None] | None,
+    ) -> None:
+        """Route, produce and commit one batch. Up to `route_concurrency` batches route at
+        once (one waits on Redis or the classifier thread while another decides), but each
+        commits only after the batch fetched before it: offsets never run ahead of output."""
+        assert self.runtime is not None
+        async with self._routing:
+            self.runtime.maybe_reload()
+            outgoing = await self.runtime.route([inbound_from_record(r) for r in records])
+            futures = await enqueue(self._send, outgoing)
+        await deliver(self._send, outgoing, futures)
+        if previous is not None:
+            await asyncio.wait([previous])
+        await self._commit(offsets)
 
     async def _send(self, o: Outgoing) -> Awaitable[Any]:
         assert self.producer is not None
@@ -208,20 +222,6 @@ class RouteAgent(Service):
             o.topic, o.value, key=o.key, headers=o.headers
         )
         return future
-
-    async def _confirm(
-        self,
-        outgoing: list[Outgoing],
-        futures: list[Awaitable[Any]],
-        offsets: dict[TopicPartition, int],
-        previous: asyncio.Future[None] | None,
-    ) -> None:
-        """Commit a batch's offsets once its outputs are durable, never before the previous
-        batch's: committing out of order could skip a record that was never delivered."""
-        await deliver(self._send, outgoing, futures)
-        if previous is not None:
-            await asyncio.wait([previous])
-        await self._commit(offsets)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         assert self.consumer is not None
