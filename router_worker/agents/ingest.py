@@ -87,11 +87,17 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         self.agent = agent
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self.agent.quiesce()
+        # Bounded: the whole group waits for this callback. Past the bound the batches still
+        # finish (shielded), their commits may then fail, and the next owner re-reads them.
+        bound = self.agent.settings.session_timeout_s
+        try:
+            await asyncio.wait_for(asyncio.shield(self.agent.quiesce()), timeout=bound)
+        except TimeoutError:
+            log.warning("route_revoke_drain_timeout", seconds=bound)
         log.info("route_partitions_revoked", partitions=len(revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        await self.agent.learn_committed(assigned)
+        self.agent.forget_revoked(assigned)
         log.info("route_partitions_assigned", partitions=len(assigned))
 
 
@@ -156,17 +162,13 @@ class RouteAgent(Service):
             await asyncio.gather(*self.inflight, return_exceptions=True)
             self.inflight.clear()
 
-    async def learn_committed(self, assigned: list[TopicPartition]) -> None:
-        """The group's committed offsets of newly assigned partitions, for the lag gauge."""
-        assert self.consumer is not None
+    def forget_revoked(self, assigned: list[TopicPartition]) -> None:
+        """Drop the lag bookkeeping of partitions this worker no longer owns.
+
+        No broker request here: a rebalance callback that waits on the broker can stall the
+        whole group's rebalance.
+        """
         self.committed = {tp: n for tp, n in self.committed.items() if tp in assigned}
-        for tp in assigned:
-            try:
-                committed = await self.consumer.committed(tp)
-            except KafkaError:
-                continue  # the gauge only; the next commit fills it in
-            if committed is not None:
-                self.committed.setdefault(tp, committed)
 
     async def _run(self) -> None:
         try:
@@ -235,7 +237,8 @@ class RouteAgent(Service):
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Records behind the partition end per assigned partition, from what the consumer
-        already knows (highwater from the last fetch, our last commit): no broker request."""
+        already knows (highwater from the last fetch, our last commit): no broker request.
+        A partition appears once this worker has committed on it."""
         if self.consumer is None:
             return {}
         lag: dict[tuple[str, int], int] = {}
@@ -243,6 +246,7 @@ class RouteAgent(Service):
             high = self.consumer.highwater(tp)
             if high is None:
                 continue
-            done = self.committed.get(tp, 0)
-            lag[(tp.topic, tp.partition)] = max(int(high) - int(done), 0)
+            done = self.committed.get(tp)
+            if done is not None:
+                lag[(tp.topic, tp.partition)] = max(int(high) - int(done), 0)
         return lag
