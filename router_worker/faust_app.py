@@ -16,7 +16,7 @@ from router_worker.agents.outcome import consume_outcomes
 from router_worker.agents.route import Outgoing
 from router_worker.agents.sink import SinkAgent
 from router_worker.faust_tuning import set_fetch_max_wait
-from router_worker.kafka import ssl_context
+from router_worker.kafka import partition_lag, ssl_context
 from router_worker.logs import configure_logging
 from router_worker.metrics import Metrics, create_metrics
 from router_worker.settings import Settings, get_settings
@@ -58,7 +58,7 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "broker_session_timeout": settings.session_timeout_s,
         "broker_heartbeat_interval": settings.heartbeat_interval_s,
         "broker_commit_interval": settings.commit_interval_s,
-        "broker_rebalance_timeout": max(settings.session_timeout_s * 2, 4.0),
+        "broker_rebalance_timeout": settings.rebalance_timeout_s,
         "consumer_auto_offset_reset": "earliest",
         "producer_acks": -1,
         "producer_linger": 0.002,
@@ -120,23 +120,20 @@ async def faust_send(app: faust.App, o: Outgoing) -> Awaitable[Any]:
     return await app.producer.send(o.topic, o.key, o.value, None, None, o.headers)
 
 
-def route_lag(consumer: Any, internal_prefix: str) -> dict[tuple[str, int], int]:
-    """Records behind the partition end per assigned partition, from what the consumer already
-    knows (highwater from the last fetch, committed offset): no broker round trip. Faust's own
-    topics (`<app id>-...`, e.g. the assignor's leader topic) are left out."""
-    lag: dict[tuple[str, int], int] = {}
+def faust_consumer_lag(consumer: Any, internal_prefix: str) -> dict[tuple[str, int], int]:
+    """Lag of the Faust consumer (the outcome agent) per assigned partition, from its committed
+    offset, else its read position. Faust's own topics (`<app id>-...`, e.g. the assignor's
+    leader topic) are left out."""
+    positions: dict[Any, int] = {}
     for tp in consumer.assignment():
         if tp.topic.startswith(internal_prefix):
-            continue
-        high = consumer.highwater(tp)
-        if high is None:
             continue
         committed = consumer._committed_offset.get(tp)
         if committed is None:
             read = consumer._read_offset.get(tp)
             committed = read + 1 if read is not None else 0
-        lag[(tp.topic, tp.partition)] = max(int(high) - int(committed), 0)
-    return lag
+        positions[tp] = committed
+    return partition_lag(consumer, positions)
 
 
 def _register_lag_timer(app: faust.App, metrics: Metrics, router: RouteAgent) -> None:
@@ -146,8 +143,8 @@ def _register_lag_timer(app: faust.App, metrics: Metrics, router: RouteAgent) ->
     async def observe_lag() -> None:
         try:
             lag = {(router.settings.app_id, t, p): n for (t, p), n in router.lag().items()}
-            lag.update({(faust_group, t, p): n
-                        for (t, p), n in route_lag(app.consumer, f"{faust_group}-").items()})
+            outcome_lag = faust_consumer_lag(app.consumer, f"{faust_group}-")
+            lag.update({(faust_group, t, p): n for (t, p), n in outcome_lag.items()})
         except Exception as exc:  # a metrics probe must never stop the worker
             log.debug("lag_probe_failed", error=repr(exc)[:200])
             return

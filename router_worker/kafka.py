@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from typing import Any
 
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
 from router_worker.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -38,6 +45,46 @@ def client_options(settings: Settings) -> dict[str, Any]:
 def consumer_options(settings: Settings) -> dict[str, Any]:
     """Consumer options: the shared ones plus a short fetch wait (see `fetch_max_wait_ms`)."""
     return {**client_options(settings), "fetch_max_wait_ms": settings.fetch_max_wait_ms}
+
+
+def group_consumer_options(
+    settings: Settings, group_id: str, max_poll_records: int
+) -> dict[str, Any]:
+    """A consumer-group member that commits by hand after its output is durable: no
+    auto-commit, earliest reset, our session and heartbeat timings."""
+    return {
+        **consumer_options(settings),
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": int(settings.session_timeout_s * 1000),
+        "heartbeat_interval_ms": int(settings.heartbeat_interval_s * 1000),
+        "max_poll_records": max_poll_records,
+    }
+
+
+async def commit_or_warn(
+    consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int], event: str
+) -> bool:
+    """Commit `offsets`; False (logged as `event`) when the partitions moved first: their new
+    owner re-reads from the last commit and the idempotent sink absorbs the repeats."""
+    try:
+        await consumer.commit(offsets)
+    except (CommitFailedError, KafkaError) as exc:
+        log.warning(event, error=repr(exc)[:200])
+        return False
+    return True
+
+
+def partition_lag(consumer: Any, positions: Mapping[Any, int]) -> dict[tuple[str, int], int]:
+    """Records between each partition's position and its end, from the highwater the consumer
+    learnt on its last fetch (no broker request); partitions not fetched yet are left out."""
+    lag: dict[tuple[str, int], int] = {}
+    for tp, position in positions.items():
+        high = consumer.highwater(tp)
+        if high is not None:
+            lag[(tp.topic, tp.partition)] = max(int(high) - int(position), 0)
+    return lag
 
 
 def producer_options(settings: Settings) -> dict[str, Any]:

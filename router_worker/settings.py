@@ -123,6 +123,11 @@ class Settings(BaseSettings):
         fields = {k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)}
         return cls.model_validate(fields)
 
+    @property
+    def rebalance_timeout_s(self) -> float:
+        """How long a group waits for members to rejoin: twice the session timeout, >= 4 s."""
+        return max(self.session_timeout_s * 2, 4.0)
+
     def topic(self, name: str) -> str:
         """Full topic name with this deployment's prefix."""
         return f"{self.topic_prefix}{name}"

@@ -22,13 +22,18 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import KafkaError
 from mode import Service
 
 from router_worker import topics
 from router_worker.agents.route import Outgoing
 from router_worker.agents.runtime import RouteRuntime
-from router_worker.kafka import consumer_options, producer_options
+from router_worker.kafka import (
+    commit_or_warn,
+    group_consumer_options,
+    partition_lag,
+    producer_options,
+)
 from router_worker.logs import quiet_kafka_client_logs
 from router_worker.metrics import Metrics
 from router_worker.settings import Settings
@@ -127,14 +132,8 @@ class RouteAgent(Service):
         self.producer = AIOKafkaProducer(**producer_options(settings))
         await self.producer.start()
         self.consumer = AIOKafkaConsumer(
-            **consumer_options(settings),
-            group_id=settings.app_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=int(settings.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(settings.heartbeat_interval_s * 1000),
-            rebalance_timeout_ms=int(max(settings.session_timeout_s * 2, 4.0) * 1000),
-            max_poll_records=settings.max_batch,
+            **group_consumer_options(settings, settings.app_id, settings.max_batch),
+            rebalance_timeout_ms=int(settings.rebalance_timeout_s * 1000),
         )
         self.consumer.subscribe([settings.topic(topics.REQUESTED)], listener=_DrainOnRevoke(self))
         await self.consumer.start()
@@ -227,13 +226,8 @@ class RouteAgent(Service):
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         assert self.consumer is not None
-        try:
-            await self.consumer.commit(offsets)
+        if await commit_or_warn(self.consumer, offsets, "route_commit_failed"):
             self.committed.update(offsets)
-        except (CommitFailedError, KafkaError) as exc:
-            # The partitions moved before the commit: their new owner re-reads from the last
-            # committed offset and the idempotent sink absorbs the repeats.
-            log.warning("route_commit_failed", error=repr(exc)[:200])
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Records behind the partition end per assigned partition, from what the consumer
@@ -241,12 +235,7 @@ class RouteAgent(Service):
         A partition appears once this worker has committed on it."""
         if self.consumer is None:
             return {}
-        lag: dict[tuple[str, int], int] = {}
-        for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            if high is None:
-                continue
-            done = self.committed.get(tp)
-            if done is not None:
-                lag[(tp.topic, tp.partition)] = max(int(high) - int(done), 0)
-        return lag
+        owned = self.consumer.assignment()
+        return partition_lag(
+            self.consumer, {tp: n for tp, n in self.committed.items() if tp in owned}
+        )

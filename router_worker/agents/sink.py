@@ -8,12 +8,12 @@ from typing import Any
 import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import KafkaError
 from mode import Service
 
 from router_worker import topics
 from router_worker.errors import DependencyUnavailable, RowsRejected
-from router_worker.kafka import consumer_options
+from router_worker.kafka import commit_or_warn, group_consumer_options, partition_lag
 from router_worker.metrics import Metrics
 from router_worker.settings import Settings
 from router_worker.store.outcomes import outcome_row
@@ -75,12 +75,10 @@ class SinkAgent(Service):
 
     async def on_start(self) -> None:
         self.consumer = AIOKafkaConsumer(
-            *self.status_of, self.outcome_topic, **consumer_options(self.settings),
-            group_id=self.settings.sink_group, enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=int(self.settings.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(self.settings.heartbeat_interval_s * 1000),
-            max_poll_records=self.settings.sink_max_batch,
+            *self.status_of, self.outcome_topic,
+            **group_consumer_options(
+                self.settings, self.settings.sink_group, self.settings.sink_max_batch
+            ),
         )
         await self.consumer.start()
         self.add_future(self._run())
@@ -107,7 +105,7 @@ class SinkAgent(Service):
             records = [r for recs in batches.values() for r in recs]
             await self._write_until_durable(records)
             offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items()}
-            await self._commit(consumer, offsets)
+            await commit_or_warn(consumer, offsets, "sink_commit_failed")
             self._observe_lag(consumer, offsets)
 
     async def _write_until_durable(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
@@ -163,17 +161,7 @@ class SinkAgent(Service):
                               error=str(exc)[:300])
         return kept
 
-    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-        try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as exc:
-            # A rebalance took the partitions: the new owner re-reads from the last commit and
-            # the idempotent INSERT absorbs the repeats.
-            log.warning("sink_commit_failed", error=repr(exc)[:200])
-
     def _observe_lag(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-        for tp, position in offsets.items():
-            high = consumer.highwater(tp)
-            if high is not None:
-                self.metrics.consumer_lag.labels(self.settings.sink_group, tp.topic,
-                                                 str(tp.partition)).set(max(high - position, 0))
+        for (topic, partition), behind in partition_lag(consumer, offsets).items():
+            self.metrics.consumer_lag.labels(self.settings.sink_group, topic,
+                                             str(partition)).set(behind)
