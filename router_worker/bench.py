@@ -16,15 +16,15 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from router_worker import topics
 from router_worker.commands.admin import apply_topics
 from router_worker.embedded import EmbeddedStack, free_port, resolve_stack
+from router_worker.enrich import drop_keys
 from router_worker.kafka import consumer_options, producer_options
 from router_worker.settings import Settings
-from router_worker.store.migrate import migrate, quote_ident
+from router_worker.store.migrate import drop_schema, migrate, quote_ident
 
 CORPUS = Path("data") / "prompts"
 FALLBACK_PROMPTS = [
@@ -128,22 +128,6 @@ class OutputWatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._consumer is not None:
             await self._consumer.stop()
-
-
-async def drop_keys(url: str, prefix: str) -> None:
-    """Remove the run's Redis keys (cache entries, counters): a benchmark leaves nothing."""
-    client = aioredis.Redis.from_url(url)
-    try:
-        batch: list[bytes] = []
-        async for key in client.scan_iter(match=f"{prefix}*", count=10_000):
-            batch.append(key)
-            if len(batch) >= 10_000:
-                await client.unlink(*batch)
-                batch.clear()
-        if batch:
-            await client.unlink(*batch)
-    finally:
-        await client.aclose()
 
 
 def worker_timings(timings: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -483,9 +467,7 @@ async def run_bench(
                 child.terminate()
                 child.wait(30)
             await watcher.stop()
-            conn = await asyncpg.connect(dsn)
-            await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(tag)} CASCADE")
-            await conn.close()
+            await drop_schema(dsn, tag)
             await drop_keys(s_pipe.redis_url.get_secret_value(), s_pipe.redis_prefix)
     finally:
         await stack.stop()

@@ -96,6 +96,23 @@ class WriteBack:
         return bool(self.pins or self.cache or self.assignments)
 
 
+async def drop_keys(url: str, prefix: str) -> None:
+    """Remove every key under `prefix` (a benchmark or test run's own), in batches."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"{prefix}*", count=10_000):
+            batch.append(key)
+            if len(batch) >= 10_000:
+                await client.unlink(*batch)
+                batch.clear()
+        if batch:
+            await client.unlink(*batch)
+    finally:
+        await client.aclose()
+
+
+
 # SET key value EX ttl for many keys in one command: redis-py spends ~15 us of Python per pipelined
 # command, so a batch's hundreds of cache entries go as one script call instead.
 SET_MANY_SCRIPT = """

@@ -8,14 +8,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
-import redis.asyncio as aioredis
 
 from router_worker.commands.admin import apply_topics
 from router_worker.embedded import EmbeddedStack, resolve_stack
+from router_worker.enrich import drop_keys
 from router_worker.settings import Settings
-from router_worker.store.migrate import migrate, quote_ident
+from router_worker.store.migrate import drop_schema, migrate
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/test"
@@ -63,14 +62,8 @@ async def isolated(stack_env: dict[str, str]) -> AsyncIterator[dict[str, str]]:
     try:
         yield env
     finally:
-        conn = await asyncpg.connect(settings.database_url.get_secret_value())
-        await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(tag)} CASCADE")
-        await conn.close()
-        client = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
-        keys = [k async for k in client.scan_iter(match=f"{tag}:*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
+        await drop_schema(settings.database_url.get_secret_value(), tag)
+        await drop_keys(settings.redis_url.get_secret_value(), settings.redis_prefix)
 
 
 def settings_from(env: dict[str, str]) -> Settings:

@@ -51,6 +51,15 @@ async def connect(dsn: str, schema: str) -> asyncpg.Connection:
     return conn
 
 
+async def drop_schema(dsn: str, schema: str) -> None:
+    """Drop `schema` and everything in it (a benchmark or test run's own schema)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema)} CASCADE")
+    finally:
+        await conn.close()
+
+
 async def migrate(dsn: str, schema: str) -> list[str]:
     """Apply pending migrations; returns the versions applied now (empty when up to date)."""
     conn = await connect(dsn, schema)
