@@ -245,3 +245,18 @@ def test_artifact_from_another_static_model_is_rejected(
     )
     with pytest.raises(ArtifactError, match="another static model"):
         load_cpu_engine(tmp_path, other)
+
+
+def test_bench_classifier_reports_every_batch_size_and_the_loop_speedup(engine: CpuEngine) -> None:
+    from router_worker.classify.bench import BATCH_SIZES, bench
+
+    texts = [f"write a python function number {i} that sorts a list" for i in range(200)]
+    result = bench(engine, texts, threads=1, raw=False)
+    assert set(result["batch"]) == {str(size) for size in BATCH_SIZES}
+    assert all(row["throughput_per_s"] > 0 for row in result["batch"].values())
+    assert result["per_item_loop"]["n"] == len(texts)
+    assert result["speedup_vs_loop_at_128"] > 0
+    assert result["raw_encoder_forward"] is None
+    assert result["raw_encoder_forward_reason"] == "skipped (--no-raw)"
+    assert result["engine"] == "cpu"
+    assert result["classifier_version"] == engine.version
