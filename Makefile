@@ -67,7 +67,7 @@ docs: $(INSTALLED)
 	$(BIN)/python scripts/gen_docs.py
 
 bench: $(INSTALLED) $(ARTIFACT)
-	$(BIN)/python scripts/bench_pipeline.py --requests 20000
+	HF_HUB_OFFLINE=1 $(BIN)/router-worker bench --requests 20000 --json
 
 bench-classifier: $(INSTALLED) $(ARTIFACT)
 	$(BIN)/router-worker bench-classifier --json --threads 2
