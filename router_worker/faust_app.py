@@ -79,7 +79,8 @@ def faust_options(settings: Settings) -> dict[str, Any]:
 def create_app(settings: Settings) -> faust.App:
     """A Faust app wired with the route agent and, unless disabled, the sink."""
     configure_logging(settings)
-    set_fetch_max_wait(settings.fetch_max_wait_ms)
+    # Faust's consumer now carries only the outcome agent, whose records are not urgent.
+    set_fetch_max_wait(settings.outcome_fetch_max_wait_ms)
     # The route consumer group is `app_id` (see RouteAgent); Faust's own consumer group, which
     # only carries the outcome agent, must differ: the two speak different group protocols.
     app = faust.App(faust_app_id(settings), **faust_options(settings))

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
         10, ge=0, description="longest a fetch waits for data; the embedded broker does not wake "
         "waiting fetches when data arrives, so this bounds queue latency there"
     )
+    outcome_fetch_max_wait_ms: int = Field(
+        250, ge=0, description="fetch wait of the outcome agent's consumer: outcomes tolerate "
+        "latency, and each short idle fetch costs the route agent CPU time"
+    )
     max_inflight_batches: int = Field(
         4, ge=1, description="batches between fetch and commit (routing or awaiting broker acks)"
     )
