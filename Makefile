@@ -7,6 +7,9 @@ INSTALLED := $(VENV)/.installed
 STATIC_MODEL := models/static-minilm/model.safetensors
 ARTIFACT := artifacts/classifier/CURRENT
 CORPUS := $(wildcard data/prompts/*.jsonl)
+# The features a head is trained on: a change here makes the old artifact unloadable.
+FEATURE_CODE := router_worker/classify/cpu.py router_worker/classify/lexicon.py \
+	router_worker/classify/lexicon_terms.py router_worker/classify/train.py
 PYTEST_ARGS ?=
 
 .PHONY: help venv model artifact run demo test test-unit lint typecheck schemas bench \
@@ -34,8 +37,8 @@ $(STATIC_MODEL): | $(INSTALLED)
 
 model: $(STATIC_MODEL)
 
-# The trained classifier head; retrained when the corpus changes.
-$(ARTIFACT): $(STATIC_MODEL) $(CORPUS)
+# The trained classifier head; retrained when the corpus or the feature code changes.
+$(ARTIFACT): $(STATIC_MODEL) $(CORPUS) $(FEATURE_CODE)
 	HF_HUB_OFFLINE=1 $(BIN)/router-worker train --data data/prompts --out artifacts/classifier \
 		--no-encoder-head
 

@@ -1,0 +1,160 @@
+"""Multilingual intent concepts: words of many languages mapped onto shared concept columns.
+
+The static embeddings come from an English encoder, so a request in Spanish or Korean shares
+few features with the English prompts that make up most of the training data. A hand-written
+lexicon (`lexicon_terms.CONCEPTS`) maps "poem", "poema", "Gedicht", "стихотворение" and "시를"
+to one concept column, so what the head learns from one language carries over to the others.
+
+Matching is per word and cached with the word (see `StaticEncoder.word_columns`), so it costs
+nothing on the hot path for words seen before:
+- in scripts written with spaces, a term is a stem: it matches a word that starts with it;
+- in Chinese, Japanese and Thai, written without spaces, a term matches anywhere in a word;
+- a term of several words (2 to 5; "pros and cons", "cómo estás") matches the same run of
+  whole words: each word of a phrase has an id, and runs of ids are found with numpy in one
+  pass over a batch (a regex over the text cost more than the rest of the engine).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+# Punctuation around a word says nothing about its stem: "résumé:", «перевод», (kubectl).
+_STRIP = "".join(
+    (
+        "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~",
+        "«»“”„‘’‚‹›¿¡…–—·•",  # noqa: RUF001 - these quote marks are the point
+        "、。，．！？：；（）【】「」『』〈〉《》〔〕・～",  # noqa: RUF001
+    )
+)
+_UNSPACED = re.compile(r"[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+I64 = npt.NDArray[np.int64]
+MAX_PHRASE_WORDS = 5
+_MULT = np.uint64(0x9E3779B97F4A7C15)
+
+
+def strip_word(word: str) -> str:
+    """A lower-cased whitespace word without the punctuation around it."""
+    return word.strip(_STRIP)
+
+
+class Lexicon:
+    """Concept ids (0..size-1) of a word, from stems and, for unspaced scripts, substrings."""
+
+    def __init__(self, concepts: Mapping[str, Sequence[str]]) -> None:
+        self.names: tuple[str, ...] = tuple(sorted(concepts))
+        self._stems: dict[str, frozenset[int]] = {}
+        inside: dict[str, set[int]] = {}
+        stems: dict[str, set[int]] = {}
+        phrases: dict[tuple[str, ...], set[int]] = {}
+        for index, name in enumerate(self.names):
+            for term in concepts[name]:
+                text = strip_word(term.lower().strip())
+                words = tuple(filter(None, map(strip_word, text.split())))
+                if not text:
+                    continue
+                if _UNSPACED.search(text):
+                    inside.setdefault(text, set()).add(index)
+                elif len(words) == 1:
+                    stems.setdefault(words[0], set()).add(index)
+                elif len(words) <= MAX_PHRASE_WORDS:
+                    phrases.setdefault(words, set()).add(index)
+        self._stems = {stem: frozenset(ids) for stem, ids in stems.items()}
+        self._stem_lengths = tuple(sorted({len(stem) for stem in stems}))
+        self._inside = {term: frozenset(ids) for term, ids in inside.items()}
+        # Longest first, so a specific term wins over a term it contains.
+        alternation = "|".join(map(re.escape, sorted(inside, key=len, reverse=True)))
+        self._inside_pattern = re.compile(alternation) if alternation else None
+        # Words of phrases get ids from 1; every other word is 0 and never part of a match.
+        vocabulary = sorted({w for words in phrases for w in words})
+        self._word_ids = {w: i for i, w in enumerate(vocabulary, start=1)}
+        self._phrase_ids: dict[int, tuple[int, ...]] = {}
+        for words, ids in phrases.items():
+            key = int(_rolling(np.array([self._word_ids[w] for w in words], dtype=np.int64)))
+            self._phrase_ids[key] = tuple(sorted(ids | set(self._phrase_ids.get(key, ()))))
+        # One sorted array for phrases of every length: the rolling hash depends on the length.
+        self._keys = np.unique(np.array(list(self._phrase_ids), dtype=np.uint64))
+
+    @property
+    def size(self) -> int:
+        """Number of concept columns."""
+        return len(self.names)
+
+    def concepts(self, word: str) -> tuple[int, ...]:
+        """Sorted concept ids matched by one lower-cased, punctuation-stripped word."""
+        found: set[int] = set()
+        for length in self._stem_lengths:
+            if length > len(word):
+                break
+            ids = self._stems.get(word[:length])
+            if ids:
+                found |= ids
+        if self._inside_pattern is not None and _UNSPACED.search(word):
+            for match in self._inside_pattern.finditer(word):
+                found |= self._inside[match.group()]
+        return tuple(sorted(found))
+
+    def word_id(self, word: str) -> int:
+        """Id of a lower-cased, punctuation-stripped word among phrase words; 0 if in none."""
+        return self._word_ids.get(word, 0)
+
+    def phrase_columns(self, word_ids: I64, owner: I64) -> tuple[I64, I64]:
+        """Concept ids of every phrase found in a batch's words, with the text of each.
+
+        `word_ids` are the batch's words in order (`word_id`), `owner` their texts (sorted).
+        A run of n words is hashed by rolling over the ids, so all runs of one length are
+        looked up at once; only the few hits are handled one by one.
+        """
+        ids = word_ids.astype(np.uint64)
+        rolling = ids
+        valid = word_ids > 0
+        hashes: list[npt.NDArray[np.uint64]] = []
+        starts: list[I64] = []
+        for n in range(2, MAX_PHRASE_WORDS + 1):
+            m = word_ids.shape[0] - n + 1
+            if m <= 0:
+                break
+            last = slice(n - 1, n - 1 + m)
+            rolling = rolling[:m] * _MULT + ids[last]
+            valid = valid[:m] & (word_ids[last] > 0) & (owner[last] == owner[:m])
+            at = np.flatnonzero(valid)
+            hashes.append(rolling[at])
+            starts.append(at)
+        cols: list[int] = []
+        owners: list[int] = []
+        if hashes and self._keys.shape[0]:
+            candidates = np.concatenate(hashes)
+            first = np.concatenate(starts)
+            at = np.minimum(np.searchsorted(self._keys, candidates), self._keys.shape[0] - 1)
+            for i in np.flatnonzero(self._keys[at] == candidates).tolist():
+                found = self._phrase_ids[int(candidates[i])]
+                cols.extend(found)
+                owners.extend([int(owner[first[i]])] * len(found))
+        if not cols:
+            none = np.zeros(0, dtype=np.int64)
+            return none, none
+        col_arr, owner_arr = np.array(cols, dtype=np.int64), np.array(owners, dtype=np.int64)
+        order = np.argsort(owner_arr, kind="stable")  # phrases of 2 words come before 3: re-sort
+        return col_arr[order], owner_arr[order]
+
+
+def _rolling(ids: I64) -> np.uint64:
+    """The rolling hash of one run of word ids, as `phrase_columns` computes it."""
+    value = ids[:1].astype(np.uint64)
+    for i in range(1, ids.shape[0]):
+        value = value * _MULT + ids[i : i + 1].astype(np.uint64)
+    return np.uint64(value[0])
+
+
+def _default() -> Lexicon:
+    from router_worker.classify.lexicon_terms import CONCEPTS
+
+    return Lexicon(CONCEPTS)
+
+
+LEXICON = _default()
