@@ -88,6 +88,11 @@ class Settings(BaseSettings):
         10.0, gt=0,
         description="longest a fetch waits for records; a batch is what came, up to max_batch",
     )
+    classify_inline_max: int = Field(
+        64, ge=0, description="batches up to this size classify on the event loop instead of a "
+        "thread (cpu and keyword engines; vllm always uses a thread): a thread hand-off costs "
+        "up to the 5 ms GIL switch interval"
+    )
     max_prompt_bytes: int = Field(65536, ge=1, description="prompt text above this is too_large")
     engine: EngineName = Field("cpu", description="classifier engine: keyword, cpu or vllm")
     artifact: Path = Field(DEFAULT_ARTIFACT, description="classifier artifact directory")

@@ -64,7 +64,10 @@ class RouteRuntime:
         config = load_config(settings.config)
         keyword = keyword_engine_from_config(config)
         engine, watcher, degraded = _load_engine(settings)
-        cascade = Cascade(engine, keyword, config.thresholds, unavailable=degraded)
+        cascade = Cascade(
+            engine, keyword, config.thresholds, unavailable=degraded,
+            inline_max=settings.classify_inline_max,
+        )
         enricher = Enricher(settings.redis_url.get_secret_value(), settings.redis_prefix, config)
         router = Router(settings, config, cascade, enricher, metrics)
         metrics.classifier_info.labels(engine.name if engine else "keyword", cascade.version).set(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import structlog
@@ -12,6 +13,10 @@ from router_worker.classify.keyword import KeywordEngine
 from router_worker.config import Thresholds
 
 log = structlog.get_logger(__name__)
+
+# Engines whose work releases the GIL for long stretches (GPU inference) gain from a thread at
+# any batch size; the numpy CPU engine and the keyword tier mostly hold it.
+_THREADED_ENGINES = frozenset({"vllm"})
 
 
 @dataclass
@@ -27,9 +32,14 @@ class Cascade:
 
     def __init__(
         self, engine: Engine | None, keyword: KeywordEngine, thresholds: Thresholds,
-        unavailable: list[str] | None = None,
+        unavailable: list[str] | None = None, inline_max: int = 0,
     ) -> None:
         self.engine = engine
+        # Batches up to this size classify on the event loop. A small batch takes a few ms of
+        # GIL-holding work either way; handed to a thread it also waits for the GIL switch
+        # interval (5 ms) while the loop decides another batch, twice with the keyword pass.
+        threaded = engine is not None and engine.name in _THREADED_ENGINES
+        self.inline_max = 0 if threaded else inline_max
         # what never loaded (e.g. ["classifier"]); reported on every decision until it does
         self.unavailable = list(unavailable or [])
         self.keyword = keyword
@@ -40,25 +50,32 @@ class Cascade:
         """Version stamped on decisions: the engine's, or the keyword tier's without one."""
         return self.engine.version if self.engine is not None else self.keyword.version
 
+    async def _call(
+        self, fn: Callable[[list[str]], list[Prediction]], texts: list[str]
+    ) -> list[Prediction]:
+        if len(texts) <= self.inline_max:
+            return fn(texts)
+        return await asyncio.to_thread(fn, texts)
+
     async def classify(self, texts: list[str]) -> CascadeResult:
-        """Classify off the event loop so the consumer keeps fetching meanwhile."""
+        """Classify; large batches off the event loop so the consumer keeps fetching."""
         if not texts:
             return CascadeResult([], [])
         if self.engine is None:
-            return CascadeResult(await asyncio.to_thread(self.keyword.classify, texts),
+            return CascadeResult(await self._call(self.keyword.classify, texts),
                                  self.unavailable)
         try:
-            predictions = await asyncio.to_thread(self.engine.classify, texts)
+            predictions = await self._call(self.engine.classify, texts)
         except Exception as exc:  # any engine fault must degrade, never stop routing
             log.error("engine_failed", engine=self.engine.name, error=repr(exc)[:300])
-            return CascadeResult(await asyncio.to_thread(self.keyword.classify, texts),
+            return CascadeResult(await self._call(self.keyword.classify, texts),
                                  ["classifier"])
         unsure = [
             i for i, p in enumerate(predictions)
             if p.confidence < self.thresholds.for_category(p.category)
         ]
         if unsure:
-            fallback = await asyncio.to_thread(self.keyword.classify, [texts[i] for i in unsure])
+            fallback = await self._call(self.keyword.classify, [texts[i] for i in unsure])
             for i, kw in zip(unsure, fallback, strict=True):
                 # Keep the engine's complexity: it is learned, the keyword one is a heuristic.
                 predictions[i] = replace(kw, complexity=predictions[i].complexity,

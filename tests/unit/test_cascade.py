@@ -1,0 +1,50 @@
+"""Where the cascade runs its engine: small batches on the event loop, large ones in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from router_worker.classify.cascade import Cascade
+from router_worker.classify.engine import Prediction
+from router_worker.classify.keyword import keyword_engine_from_config
+from router_worker.config import load_config
+from router_worker.settings import Settings
+
+
+class ThreadRecorder:
+    """A sure engine that records which thread classified each batch."""
+
+    version = "test-1"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.threads: list[str] = []
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        self.threads.append(threading.current_thread().name)
+        return [Prediction("code", "simple", 1.0) for _ in texts]
+
+
+def _cascade(engine: ThreadRecorder, inline_max: int) -> Cascade:
+    config = load_config(Settings().config)
+    keyword = keyword_engine_from_config(config)
+    return Cascade(engine, keyword, config.thresholds, inline_max=inline_max)
+
+
+def test_small_batches_classify_on_the_loop_and_large_ones_in_a_thread() -> None:
+    engine = ThreadRecorder("cpu")
+    cascade = _cascade(engine, inline_max=4)
+    asyncio.run(cascade.classify(["fix my python bug"] * 4))
+    asyncio.run(cascade.classify(["fix my python bug"] * 5))
+    assert engine.threads[0] == threading.main_thread().name
+    assert engine.threads[1] != threading.main_thread().name
+
+
+def test_a_gpu_engine_always_runs_in_a_thread() -> None:
+    engine = ThreadRecorder("vllm")
+    cascade = _cascade(engine, inline_max=64)
+    result = asyncio.run(cascade.classify(["fix my python bug"]))
+    assert len(engine.threads) == 1
+    assert engine.threads[0] != threading.main_thread().name
+    assert [p.category for p in result.predictions] == ["code"]
