@@ -52,6 +52,8 @@ class ArtifactMeta(BaseModel):
     labels: Labels
     encoder_id: str
     static_model_hash: str
+    # sha256 of the intent lexicon the head's concept columns mean (None: trained before it).
+    lexicon_hash: str | None = None
     training_data_hash: str
     metrics: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict)

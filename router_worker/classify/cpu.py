@@ -597,6 +597,12 @@ def load_cpu_engine(
             f"artifact {artifact.meta.version} was trained on another static model than "
             f"{static_model}; rebuild the model or retrain"
         )
+    lexicon = LEXICON.digest
+    if artifact.meta.lexicon_hash is not None and artifact.meta.lexicon_hash != lexicon:
+        raise ArtifactError(
+            f"artifact {artifact.meta.version} was trained with another intent lexicon than "
+            "this worker's (router_worker/classify/lexicon_terms.py); retrain"
+        )
     second = _second_stage(artifact, threads) if encoder_stage else None
     threshold = float(artifact.meta.params.get("encoder_threshold", 0.5))
     engine = CpuEngine(

@@ -16,6 +16,7 @@ nothing on the hot path for words seen before:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 
@@ -48,6 +49,12 @@ class Lexicon:
 
     def __init__(self, concepts: Mapping[str, Sequence[str]]) -> None:
         self.names: tuple[str, ...] = tuple(sorted(concepts))
+        # Identifies what each concept column means: an artifact records it and is refused by a
+        # worker whose lexicon differs, even where the number of concepts is the same.
+        digest = hashlib.sha256()
+        for name in self.names:
+            digest.update("\x1e".join([name, *concepts[name]]).encode() + b"\x1f")
+        self.digest = digest.hexdigest()
         self._stems: dict[str, frozenset[int]] = {}
         inside: dict[str, set[int]] = {}
         stems: dict[str, set[int]] = {}

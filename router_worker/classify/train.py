@@ -245,6 +245,7 @@ def train(
         labels=Labels(categories=list(CATEGORIES), complexities=list(COMPLEXITIES)),
         encoder_id=ENCODER_ID,
         static_model_hash=hash_dir(static_model),
+        lexicon_hash=encoder.lexicon.digest,
         training_data_hash=digest,
         created_at=datetime.now(UTC).isoformat(),
         params={**params, "encoder_threshold": ENCODER_THRESHOLD},

@@ -61,7 +61,9 @@ def _meta(version: str, static_model: Path) -> ArtifactMeta:
     )
 
 
-def _publish(root: Path, version: str, static_model: Path, seed: int = 1) -> Path:
+def _publish(
+    root: Path, version: str, static_model: Path, seed: int = 1, lexicon_hash: str | None = None
+) -> Path:
     encoder = StaticEncoder(static_model)
     width = len(CATEGORIES) + len(COMPLEXITIES)
     rng = np.random.default_rng(seed)
@@ -73,7 +75,8 @@ def _publish(root: Path, version: str, static_model: Path, seed: int = 1) -> Pat
         "w_bag": rng.normal(size=(encoder.bag_size(), width)).astype(np.float32),
         "bias": np.zeros(width, dtype=np.float32),
     }
-    return write_artifact(root, _meta(version, static_model), arrays)
+    meta = _meta(version, static_model).model_copy(update={"lexicon_hash": lexicon_hash})
+    return write_artifact(root, meta, arrays)
 
 
 @pytest.fixture
@@ -245,6 +248,19 @@ def test_artifact_from_another_static_model_is_rejected(
     )
     with pytest.raises(ArtifactError, match="another static model"):
         load_cpu_engine(tmp_path, other)
+
+
+def test_artifact_from_another_lexicon_is_rejected(tmp_path: Path, static_model: Path) -> None:
+    _publish(tmp_path, "cpu-v1", static_model, lexicon_hash="0" * 64)
+    with pytest.raises(ArtifactError, match="another intent lexicon"):
+        load_cpu_engine(tmp_path, static_model)
+
+
+def test_artifact_from_this_lexicon_loads(tmp_path: Path, static_model: Path) -> None:
+    from router_worker.classify.lexicon import LEXICON
+
+    _publish(tmp_path, "cpu-v1", static_model, lexicon_hash=LEXICON.digest)
+    assert load_cpu_engine(tmp_path, static_model).version == "cpu-v1"
 
 
 def test_bench_classifier_reports_every_batch_size_and_the_loop_speedup(engine: CpuEngine) -> None:
