@@ -11,7 +11,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router_worker import topics
-from router_worker.agents.ingest import RouteAgent, deliver
+from router_worker.agents.ingest import RouteAgent, deliver, per_record
 from router_worker.agents.outcome import consume_outcomes
 from router_worker.agents.route import Outgoing
 from router_worker.agents.sink import SinkAgent
@@ -99,9 +99,8 @@ def create_app(settings: Settings) -> faust.App:
 
         @app.agent(outcomes, name="outcome")
         async def outcome(stream: Any) -> None:
-            await consume_outcomes(
-                stream, settings, metrics, lambda out: deliver(partial(faust_send, app), out)
-            )
+            produce = per_record(partial(faust_send, app))
+            await consume_outcomes(stream, settings, metrics, lambda out: deliver(produce, out))
 
     if settings.run_sink:
         # Faust accepts a ready service instance here; its annotation only names classes.

@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 from mode import Service
 
 from router_worker import topics
@@ -42,25 +43,67 @@ from router_worker.validate import Inbound
 log = structlog.get_logger(__name__)
 
 _PRODUCE_BACKOFF_MAX_S = 5.0
+# Record batches of a routed micro-batch: one per partition for up to ~700 decisions, and under
+# the brokers' default message size limit (1 MiB on Kafka and Redpanda).
+_RECORD_BATCH_BYTES = 512 * 1024
 _FETCH_BACKOFF_S = 0.2
 
 Send = Callable[[Outgoing], Awaitable[Awaitable[Any]]]
+# Queues a whole batch for producing; returns the delivery futures to await.
+Produce = Callable[[Sequence[Outgoing]], Awaitable[list[Awaitable[Any]]]]
 
 
-async def enqueue(send: Send, outgoing: Sequence[Outgoing]) -> list[Awaitable[Any]]:
-    """Hand a whole batch to a producer at once; one delivery future per record."""
-    return [await send(o) for o in outgoing]
+def per_record(send: Send) -> Produce:
+    """A Produce that hands records to `send` one at a time (one delivery future each)."""
+
+    async def produce(outgoing: Sequence[Outgoing]) -> list[Awaitable[Any]]:
+        return [await send(o) for o in outgoing]
+
+    return produce
+
+
+class BatchProduce:
+    """Produce a routed batch as one record batch per partition: one future per partition
+    batch instead of one per record, and no per-record trip through the producer's
+    accumulator. Keys go to the partitions aiokafka's (Kafka's) default partitioner picks,
+    the same as a per-record send, so a request's events keep their partition."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+        self.partitioner = DefaultPartitioner()
+
+    async def __call__(self, outgoing: Sequence[Outgoing]) -> list[Awaitable[Any]]:
+        producer = self.producer
+        partitions: dict[str, list[int]] = {}
+        for topic in dict.fromkeys(o.topic for o in outgoing):
+            partitions[topic] = sorted(await producer.partitions_for(topic))
+        groups: dict[tuple[str, int], list[Outgoing]] = {}
+        for o in outgoing:
+            owned = partitions[o.topic]
+            groups.setdefault((o.topic, self.partitioner(o.key, owned, owned)), []).append(o)
+        futures: list[Awaitable[Any]] = []
+        for (topic, partition), records in groups.items():
+            batch = producer.create_batch()
+            for o in records:
+                if batch.append(key=o.key, value=o.value, timestamp=None, headers=o.headers):
+                    continue
+                # Full: send it and start the next one (a record always fits an empty batch).
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                batch.append(key=o.key, value=o.value, timestamp=None, headers=o.headers)
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+        return futures
 
 
 async def deliver(
-    send: Send, outgoing: Sequence[Outgoing], futures: list[Awaitable[Any]] | None = None
+    produce: Produce, outgoing: Sequence[Outgoing], futures: list[Awaitable[Any]] | None = None
 ) -> None:
     """Wait until the broker acknowledged every record; on failure resend the whole batch with
     backoff (duplicates are fine: the sink is idempotent), never skip it."""
     delay = 0.1
     while True:
         try:
-            pending = futures if futures is not None else await enqueue(send, outgoing)
+            pending = futures if futures is not None else await produce(outgoing)
             await asyncio.gather(*pending)
             return
         except Exception as exc:  # any produce failure: back off and resend the whole batch
@@ -115,6 +158,7 @@ class RouteAgent(Service):
         self.runtime: RouteRuntime | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        self._produce: Produce | None = None
         # Batches between fetch and commit (route, deliver, commit), in fetch order.
         self.inflight: deque[asyncio.Future[None]] = deque()
         # Held from a fetch until its batch is queued: a revocation waits for it.
@@ -129,8 +173,11 @@ class RouteAgent(Service):
         # Here rather than at import: Faust configures logging between the two.
         quiet_kafka_client_logs(settings)
         self.runtime = await RouteRuntime.start(settings, self.metrics)
-        self.producer = AIOKafkaProducer(**producer_options(settings))
+        self.producer = AIOKafkaProducer(
+            **{**producer_options(settings), "max_batch_size": _RECORD_BATCH_BYTES}
+        )
         await self.producer.start()
+        self._produce = BatchProduce(self.producer)
         self.consumer = AIOKafkaConsumer(
             **group_consumer_options(settings, settings.app_id, settings.max_batch),
             rebalance_timeout_ms=int(settings.rebalance_timeout_s * 1000),
@@ -208,21 +255,15 @@ class RouteAgent(Service):
         once (one waits on Redis or the classifier thread while another decides), but each
         commits only after the batch fetched before it: offsets never run ahead of output."""
         assert self.runtime is not None
+        assert self._produce is not None
         async with self._routing:
             self.runtime.maybe_reload()
             outgoing = await self.runtime.route([inbound_from_record(r) for r in records])
-            futures = await enqueue(self._send, outgoing)
-        await deliver(self._send, outgoing, futures)
+            futures = await self._produce(outgoing)
+        await deliver(self._produce, outgoing, futures)
         if previous is not None:
             await asyncio.wait([previous])
         await self._commit(offsets)
-
-    async def _send(self, o: Outgoing) -> Awaitable[Any]:
-        assert self.producer is not None
-        future: Awaitable[Any] = await self.producer.send(
-            o.topic, o.value, key=o.key, headers=o.headers
-        )
-        return future
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         assert self.consumer is not None
