@@ -36,6 +36,10 @@ _MAX_CHARS = MAX_TOKENS * 8
 CHUNK = 128
 # Word -> WordPiece ids; the Rust tokenizer costs microseconds a word, a dict hit nanoseconds.
 WORD_CACHE = 200_000
+# A word is cached on its second sighting: ids, hashes and numbers that never recur would
+# otherwise fill the cache (and the worker's memory) with entries nobody reads again. The
+# hashes of words seen once are kept up to this many, then forgotten all at once.
+SEEN_ONCE = 100_000
 _BIGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)
 # Character n-grams carry what word pieces miss: typos, code symbols, CJK and Cyrillic text.
 CHAR_BUCKETS = 1 << 18
@@ -187,8 +191,10 @@ class StaticEncoder:
         self.unk_id = -1 if unk is None else int(unk)
         self.model_dir = model_dir
         self.lexicon: Lexicon = LEXICON
-        # Word -> what it contributes (see `tokens`), bounded by WORD_CACHE.
+        # Word -> what it contributes (see `tokens`), bounded by WORD_CACHE; hashes of words
+        # seen once (not cached yet), bounded by SEEN_ONCE.
         self._words: dict[str, tuple[int, ...]] = {}
+        self._seen_once: set[int] = set()
         self.projection = principal_directions(self.embeddings, min(MAX_DIMS, self.dim))
         self.projected: F32 = np.ascontiguousarray(self.embeddings @ self.projection)
         self.max_dim = int(self.projection.shape[1])
@@ -219,8 +225,9 @@ class StaticEncoder:
             return Tokens.empty()
         entries = list(map(self._words.get, words))
         if None in entries:
-            self._learn_words(dict.fromkeys(words))
-            entries = list(map(self._words.__getitem__, words))
+            pairs = list(zip(words, entries, strict=True))
+            fresh = self._learn_words(dict.fromkeys(w for w, e in pairs if e is None))
+            entries = [fresh[w] if e is None else e for w, e in pairs]
         flat, flat_word = _flatten(cast(list[tuple[int, ...]], entries))
         n_words = np.fromiter(map(len, per_text), dtype=np.int64, count=n)
         word_owner = np.repeat(np.arange(n, dtype=np.int64), n_words)
@@ -244,27 +251,34 @@ class StaticEncoder:
             phrase_owner,
         )
 
-    def _learn_words(self, words: Iterable[str]) -> None:
-        """Cache the entries of words not seen yet (bounded; one tokenizer call)."""
-        cache = self._words
-        missing = [w for w in words if w not in cache]
-        if not missing:
-            return
-        if len(cache) + len(missing) > WORD_CACHE:
-            cache.clear()
-            missing = list(words)
+    def _learn_words(self, missing: Iterable[str]) -> dict[str, tuple[int, ...]]:
+        """Entries of words not in the cache (one tokenizer call); words seen before are
+        cached from now on, first sightings are only remembered by hash."""
+        missing = list(missing)
+        cache, seen = self._words, self._seen_once
         encoding = self.tokenizer.encode(missing, is_pretokenized=True, add_special_tokens=False)
         grouped: list[list[int]] = [[] for _ in missing]
         for piece, word in zip(encoding.ids, encoding.word_ids, strict=True):
             if word is not None:
                 grouped[word].append(piece)
+        if len(cache) + len(missing) > WORD_CACHE:
+            cache.clear()
+        if len(seen) + len(missing) > SEEN_ONCE:
+            seen.clear()
+        fresh: dict[str, tuple[int, ...]] = {}
         for word, pieces in zip(missing, grouped, strict=True):
             core = strip_word(word)
             pieces.extend(self.vocab_size + c for c in self.word_columns(core))
             phrase_id = self.lexicon.word_id(core)
             if phrase_id:
                 pieces.append(-phrase_id)
-            cache[word] = tuple(pieces)
+            entry = fresh[word] = tuple(pieces)
+            key = hash(word)
+            if key in seen:
+                cache[word] = entry
+            else:
+                seen.add(key)
+        return fresh
 
     def word_columns(self, core: str) -> tuple[int, ...]:
         """Columns in the word block of one stripped word: lexicon concepts, prefix bucket."""

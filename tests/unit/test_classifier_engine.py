@@ -276,3 +276,12 @@ def test_bench_classifier_reports_every_batch_size_and_the_loop_speedup(engine: 
     assert result["raw_encoder_forward_reason"] == "skipped (--no-raw)"
     assert result["engine"] == "cpu"
     assert result["classifier_version"] == engine.version
+
+
+def test_words_are_cached_from_their_second_sighting_only(engine: CpuEngine) -> None:
+    encoder = engine.encoder
+    once = engine.classify(["write a poem id-7f3a9c"])
+    assert "id-7f3a9c" not in encoder._words
+    again = engine.classify(["write a poem id-7f3a9c"])
+    assert "id-7f3a9c" in encoder._words
+    assert once[0].scores == pytest.approx(again[0].scores)
