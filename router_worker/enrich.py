@@ -112,7 +112,6 @@ async def drop_keys(url: str, prefix: str) -> None:
         await client.aclose()
 
 
-
 # SET key value EX ttl for many keys in one command: redis-py spends ~15 us of Python per pipelined
 # command, so a batch's hundreds of cache entries go as one script call instead.
 SET_MANY_SCRIPT = """

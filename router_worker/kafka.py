@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -61,6 +63,37 @@ def group_consumer_options(
         "heartbeat_interval_ms": int(settings.heartbeat_interval_s * 1000),
         "max_poll_records": max_poll_records,
     }
+
+
+# A failed fetch is retried after this pause: the client reconnects meanwhile.
+FETCH_BACKOFF_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """One fetch: its records in partition order and the offsets to commit once they are done."""
+
+    records: list[Any]
+    offsets: dict[TopicPartition, int]
+
+
+async def fetch_or_warn(
+    consumer: AIOKafkaConsumer, timeout_ms: int, max_records: int, event: str
+) -> Fetched | None:
+    """One `getmany`; None when nothing came, or when the fetch failed (logged as `event`,
+    after a short pause so a broker outage does not spin the loop)."""
+    try:
+        batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+    except KafkaError as exc:
+        log.warning(event, error=repr(exc)[:200])
+        await asyncio.sleep(FETCH_BACKOFF_S)
+        return None
+    if not batches:
+        return None
+    return Fetched(
+        records=[r for rs in batches.values() for r in rs],
+        offsets={tp: rs[-1].offset + 1 for tp, rs in batches.items()},
+    )
 
 
 async def commit_or_warn(

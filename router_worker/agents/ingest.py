@@ -22,7 +22,6 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from mode import Service
 
@@ -31,6 +30,7 @@ from router_worker.agents.route import Outgoing
 from router_worker.agents.runtime import RouteRuntime
 from router_worker.kafka import (
     commit_or_warn,
+    fetch_or_warn,
     group_consumer_options,
     partition_lag,
     producer_options,
@@ -46,7 +46,6 @@ _PRODUCE_BACKOFF_MAX_S = 5.0
 # Record batches of a routed micro-batch: one per partition for up to ~700 decisions, and under
 # the brokers' default message size limit (1 MiB on Kafka and Redpanda).
 _RECORD_BATCH_BYTES = 512 * 1024
-_FETCH_BACKOFF_S = 0.2
 
 Send = Callable[[Outgoing], Awaitable[Awaitable[Any]]]
 # Queues a whole batch for producing; returns the delivery futures to await.
@@ -228,20 +227,16 @@ class RouteAgent(Service):
         # batch in `inflight` and no new fetch starts until it is done.
         async with self._batch_lock:
             assert self.consumer is not None
-            try:
-                batches = await self.consumer.getmany(
-                    timeout_ms=int(self.settings.max_wait_ms), max_records=self.settings.max_batch
-                )
-            except KafkaError as exc:
-                log.warning("route_fetch_failed", error=repr(exc)[:200])
-                await asyncio.sleep(_FETCH_BACKOFF_S)
+            fetched = await fetch_or_warn(
+                self.consumer, int(self.settings.max_wait_ms), self.settings.max_batch,
+                "route_fetch_failed",
+            )
+            if fetched is None:
                 return
-            if not batches:
-                return
-            records = [r for rs in batches.values() for r in rs]
-            offsets = {tp: rs[-1].offset + 1 for tp, rs in batches.items()}
             previous = self.inflight[-1] if self.inflight else None
-            self.inflight.append(asyncio.ensure_future(self._handle(records, offsets, previous)))
+            self.inflight.append(
+                asyncio.ensure_future(self._handle(fetched.records, fetched.offsets, previous))
+            )
         # Backpressure: at most `depth` batches between fetch and commit.
         depth = self.settings.max_inflight_batches
         while self.inflight and (self.inflight[0].done() or len(self.inflight) > depth):

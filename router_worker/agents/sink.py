@@ -8,12 +8,16 @@ from typing import Any
 import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
 from mode import Service
 
 from router_worker import topics
 from router_worker.errors import DependencyUnavailable, RowsRejected
-from router_worker.kafka import commit_or_warn, group_consumer_options, partition_lag
+from router_worker.kafka import (
+    commit_or_warn,
+    fetch_or_warn,
+    group_consumer_options,
+    partition_lag,
+)
 from router_worker.metrics import Metrics
 from router_worker.settings import Settings
 from router_worker.store.outcomes import outcome_row
@@ -93,20 +97,14 @@ class SinkAgent(Service):
         consumer = self.consumer
         timeout_ms = int(self.settings.sink_max_wait_ms)
         while not self.should_stop:
-            try:
-                batches = await consumer.getmany(timeout_ms=timeout_ms,
-                                                 max_records=self.settings.sink_max_batch)
-            except KafkaError as exc:
-                log.warning("sink_fetch_failed", error=repr(exc)[:200])
-                await asyncio.sleep(_BACKOFF_START_S)
+            fetched = await fetch_or_warn(
+                consumer, timeout_ms, self.settings.sink_max_batch, "sink_fetch_failed"
+            )
+            if fetched is None:
                 continue
-            if not batches:
-                continue
-            records = [r for recs in batches.values() for r in recs]
-            await self._write_until_durable(records)
-            offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items()}
-            await commit_or_warn(consumer, offsets, "sink_commit_failed")
-            self._observe_lag(consumer, offsets)
+            await self._write_until_durable(fetched.records)
+            await commit_or_warn(consumer, fetched.offsets, "sink_commit_failed")
+            self._observe_lag(consumer, fetched.offsets)
 
     async def _write_until_durable(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         rows = rows_from_records(records, self.status_of)
