@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,11 @@ class RoutingConfig(_Strict):
     affinity: AffinitySpec = Field(default_factory=AffinitySpec)
     experiments: dict[str, ExperimentSpec] = Field(default_factory=dict)
     rate_limits: RateLimitSpec = Field(default_factory=RateLimitSpec)
+
+    @cached_property
+    def smallest_context_window(self) -> int:
+        """The smallest context window of any model: requests below it fit every model."""
+        return min(spec.context_window for spec in self.models.values())
 
     @model_validator(mode="after")
     def _cross_references(self) -> RoutingConfig:

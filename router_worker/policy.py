@@ -91,16 +91,34 @@ class Choice:
     preferred: str = ""
 
 
-def decide(
+@dataclass(frozen=True, slots=True)
+class _Ranking:
+    """The token-independent part of a decision: which models, in what order, and why."""
+
+    order: tuple[str, ...]
+    eligible: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]
+    pinned: bool
+    reason: str
+
+
+# Per-batch memo of rankings: requests of one batch share tenant, health and demotions, so
+# the same (category, complexity, policy) ranks the same models again.
+DecisionMemo = dict[tuple[object, ...], _Ranking]
+
+
+def _plain(constraints: Constraints) -> bool:
+    """No caller constraints: the ranking cannot depend on anything the memo key leaves out."""
+    return (constraints.max_cost_usd is None and constraints.max_latency_ms is None
+            and not constraints.required_capabilities and constraints.allowed_models is None
+            and not constraints.denied_models)
+
+
+def _rank(
     request: RoutingRequested, prediction: Prediction, ctx: Context, config: RoutingConfig,
-    text_chars: int,
-) -> Choice:
-    """Pick the model and fallback chain; raises RequestRejected(no_eligible_model)."""
+    policy: str, input_tokens: int, output_tokens: int,
+) -> _Ranking:
     category = prediction.category
-    policy = ctx.policy_override or choose_policy(
-        category, prediction.complexity, ctx.tenant, config)
-    input_tokens = int(text_chars / config.estimates.chars_per_token) + 1
-    output_tokens = config.estimates.output_tokens.get(prediction.complexity, 500)
     order = candidate_order(policy if policy in config.policies else config.fallback_policy,
                             config, ctx.models_override)
     eligible: list[str] = []
@@ -127,21 +145,53 @@ def decide(
     if pinned and ctx.session_model is not None:
         eligible.remove(ctx.session_model)
         eligible.insert(0, ctx.session_model)
-    model = eligible[0]
-    # Scores reflect the policy's preference order, scaled by how sure the classifier was.
-    alternatives = [
-        (name, round(prediction.confidence * (1.0 - (rank + 1) / (len(order) + 1)), 4))
-        for rank, name in enumerate(eligible[1:1 + TOP_ALTERNATIVES])
-    ]
-    spec = config.models[model]
     reason = (f"{category}/{prediction.complexity} -> policy {policy}; "
               + ("session affinity; " if pinned else "")
               + "".join(f"{note}; " for note in notes)
               + (f"skipped {', '.join(f'{m} ({w})' for m, w in skipped)}" if skipped
                  else "first choice eligible"))
+    return _Ranking(tuple(order), tuple(eligible), tuple(skipped), pinned, reason)
+
+
+def decide(
+    request: RoutingRequested, prediction: Prediction, ctx: Context, config: RoutingConfig,
+    text_chars: int, memo: DecisionMemo | None = None,
+) -> Choice:
+    """Pick the model and fallback chain; raises RequestRejected(no_eligible_model).
+
+    With a `memo` (one per micro-batch), requests without constraints reuse the ranking of an
+    earlier request with the same key; only the scores and the cost estimate are per request.
+    """
+    policy = ctx.policy_override or choose_policy(
+        prediction.category, prediction.complexity, ctx.tenant, config)
+    input_tokens = int(text_chars / config.estimates.chars_per_token) + 1
+    output_tokens = config.estimates.output_tokens.get(prediction.complexity, 500)
+    key: tuple[object, ...] | None = None
+    ranking: _Ranking | None = None
+    # Tokens only matter through context windows (constraints are off): below the smallest
+    # window every request of a key ranks alike. A downgrade sorts by cost, so never memoised.
+    if (memo is not None and not ctx.downgrade and _plain(request.constraints)
+            and input_tokens + output_tokens <= config.smallest_context_window):
+        key = (prediction.category, prediction.complexity, policy, ctx.models_override,
+               ctx.tenant, ctx.unhealthy, ctx.demoted, ctx.session_model)
+        ranking = memo.get(key)
+    if ranking is None:
+        ranking = _rank(request, prediction, ctx, config, policy, input_tokens, output_tokens)
+        if key is not None and memo is not None:
+            memo[key] = ranking
+    eligible = ranking.eligible
+    model = eligible[0]
+    # Scores reflect the policy's preference order, scaled by how sure the classifier was.
+    confidence, slots = prediction.confidence, len(ranking.order) + 1
+    alternatives = [
+        (name, round(confidence * (1.0 - (rank + 1) / slots), 4))
+        for rank, name in enumerate(eligible[1:1 + TOP_ALTERNATIVES])
+    ]
+    spec = config.models[model]
     return Choice(
         model=model, provider=spec.provider, policy=policy,
-        fallbacks=eligible[1:1 + MAX_FALLBACKS], alternatives=alternatives, reason=reason,
-        estimated_cost_usd=round(spec.cost(input_tokens, output_tokens), 8), skipped=skipped,
-        preferred=order[0],
+        fallbacks=list(eligible[1:1 + MAX_FALLBACKS]), alternatives=alternatives,
+        reason=ranking.reason,
+        estimated_cost_usd=round(spec.cost(input_tokens, output_tokens), 8),
+        skipped=list(ranking.skipped), preferred=ranking.order[0],
     )

@@ -183,7 +183,7 @@ class Router:
         tenant = enrichment.tenants.get(request.tenant_id) or self.config.tenant(request.tenant_id)
         try:
             ctx, assignment = plan.context(request, prediction.category, tenant)
-            choice = decide(request, prediction, ctx, self.config, text_chars)
+            choice = decide(request, prediction, ctx, self.config, text_chars, plan.decisions)
         except RequestRejected as exc:
             rejected = Rejected(
                 request.request_id,

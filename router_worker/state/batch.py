@@ -11,7 +11,7 @@ from router_worker.enrich import Enrichment, WriteBack
 from router_worker.errors import ErrorCode, RequestRejected
 from router_worker.events import RoutingRequested
 from router_worker.metrics import Metrics
-from router_worker.policy import Choice, Context
+from router_worker.policy import Choice, Context, DecisionMemo
 from router_worker.state.budget import BudgetLevel, BudgetStatus, budget_status
 from router_worker.state.cache import cache_key, encode_prediction
 from router_worker.state.experiments import Assignment, choose
@@ -40,6 +40,8 @@ class BatchPlan:
         self.budgets: dict[str, BudgetStatus] = {}
         self.cache_hits = 0
         self.rate_limited = 0
+        # Rankings shared by this batch's requests (see `policy.decide`).
+        self.decisions: DecisionMemo = {}
 
     def use(self, enrichment: Enrichment) -> None:
         """Take in what Redis said about this batch."""

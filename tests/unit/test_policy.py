@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 from typing import Any
 
 import pytest
@@ -10,7 +12,7 @@ from router_worker.classify.engine import Prediction
 from router_worker.config import RoutingConfig, TenantSpec, load_config
 from router_worker.errors import ErrorCode, RequestRejected
 from router_worker.events import RoutingRequested
-from router_worker.policy import Choice, Context, candidate_order, decide
+from router_worker.policy import Choice, Context, DecisionMemo, candidate_order, decide
 from router_worker.settings import DEFAULT_CONFIG
 
 CONFIG = load_config(DEFAULT_CONFIG)
@@ -114,3 +116,38 @@ def test_huge_prompt_skips_small_context_models() -> None:
     prediction = Prediction("code", "simple", 0.9)
     choice = decide(_request(), prediction, Context(TenantSpec()), CONFIG, text_chars=200_000)
     assert CONFIG.models[choice.model].context_window >= 50_000
+
+
+def _outcome(request: RoutingRequested, prediction: Prediction, ctx: Context, chars: int,
+             memo: DecisionMemo | None) -> Choice | str:
+    try:
+        return decide(request, prediction, ctx, CONFIG, chars, memo)
+    except RequestRejected as exc:
+        return exc.detail
+
+
+def test_a_batch_memo_gives_the_same_decisions_as_deciding_each_request_alone() -> None:
+    rng = random.Random(5)
+    models = sorted(CONFIG.models)
+    tenants = [TenantSpec(), TenantSpec(denied_models=frozenset({models[0]})),
+               TenantSpec(policy=next(iter(CONFIG.policies)))]
+    constraints: list[dict[str, Any]] = [
+        {}, {"max_cost_usd": 0.0005}, {"required_capabilities": ["vision"]},
+        {"denied_models": [models[1]]}, {"max_latency_ms": 5000},
+    ]
+    memo: DecisionMemo = {}
+    cases = itertools.product(["code", "chat", "math"], ["simple", "complex"], range(40))
+    for category, complexity, _ in cases:
+        ctx = Context(
+            rng.choice(tenants),
+            unhealthy=frozenset(rng.sample(models, rng.choice([0, 0, 1, 2]))),
+            session_model=rng.choice([None, None, *models]),
+            demoted=frozenset(rng.sample(models, rng.choice([0, 0, 1]))),
+            downgrade=rng.random() < 0.2,
+        )
+        request = _request(constraints=rng.choice(constraints))
+        prediction = Prediction(category, complexity, rng.random())
+        chars = rng.choice([40, 400, 4000, 200_000])
+        assert _outcome(request, prediction, ctx, chars, memo) == _outcome(
+            request, prediction, ctx, chars, None)
+    assert memo  # the plain requests did share rankings
