@@ -9,6 +9,7 @@ ARTIFACT := artifacts/classifier/CURRENT
 CORPUS := $(wildcard data/prompts/*.jsonl)
 # The features a head is trained on: a change here makes the old artifact unloadable.
 FEATURE_CODE := router_worker/classify/cpu.py router_worker/classify/lexicon.py \
+	router_worker/classify/wordpiece.py \
 	router_worker/classify/lexicon_terms.py router_worker/classify/train.py
 PYTEST_ARGS ?=
 

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from router_worker.classify.artifacts import Artifact, load_artifact, read_extra
 from router_worker.classify.engine import Prediction
 from router_worker.classify.lexicon import LEXICON, Lexicon, strip_word
+from router_worker.classify.wordpiece import AsciiWordPiece, handles
 from router_worker.errors import ArtifactError
 from router_worker.events import Tier
 
@@ -190,6 +191,7 @@ class StaticEncoder:
         unk = self.tokenizer.token_to_id("[UNK]")
         self.unk_id = -1 if unk is None else int(unk)
         self.model_dir = model_dir
+        self.wordpiece = AsciiWordPiece.from_tokenizer_json(model_dir / "tokenizer.json")
         self.lexicon: Lexicon = LEXICON
         # Word -> what it contributes (see `tokens`), bounded by WORD_CACHE; hashes of words
         # seen once (not cached yet), bounded by SEEN_ONCE.
@@ -256,11 +258,7 @@ class StaticEncoder:
         cached from now on, first sightings are only remembered by hash."""
         missing = list(missing)
         cache, seen = self._words, self._seen_once
-        encoding = self.tokenizer.encode(missing, is_pretokenized=True, add_special_tokens=False)
-        grouped: list[list[int]] = [[] for _ in missing]
-        for piece, word in zip(encoding.ids, encoding.word_ids, strict=True):
-            if word is not None:
-                grouped[word].append(piece)
+        grouped = self._word_pieces(missing)
         if len(cache) + len(missing) > WORD_CACHE:
             cache.clear()
         if len(seen) + len(missing) > SEEN_ONCE:
@@ -279,6 +277,22 @@ class StaticEncoder:
             else:
                 seen.add(key)
         return fresh
+
+    def _word_pieces(self, words: list[str]) -> list[list[int]]:
+        """WordPiece ids of each word: plain ASCII in Python, the rest in one tokenizer call."""
+        fast = self.wordpiece
+        grouped: list[list[int]] = [
+            fast.tokenize(w) if fast is not None and handles(w) else [] for w in words
+        ]
+        slow = [i for i, w in enumerate(words) if fast is None or not handles(w)]
+        if slow:
+            encoding = self.tokenizer.encode(
+                [words[i] for i in slow], is_pretokenized=True, add_special_tokens=False
+            )
+            for piece, word in zip(encoding.ids, encoding.word_ids, strict=True):
+                if word is not None:
+                    grouped[slow[word]].append(piece)
+        return grouped
 
     def word_columns(self, core: str) -> tuple[int, ...]:
         """Columns in the word block of one stripped word: lexicon concepts, prefix bucket."""
