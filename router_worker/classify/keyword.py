@@ -28,6 +28,7 @@ _COMPLEX_WORDS = re.compile(
     r"scalab\w*|thorough|essay|report|plan)\b",
 )
 _STRUCTURE = re.compile(r"```|^\s*(?:\d+[.)]|[-*])\s", re.MULTILINE)
+_LIST_START = re.compile(r"\s*(?:\d+[.)]|[-*])\s")
 # Words seen before skip the fuzzy matcher: natural language reuses a small vocabulary, so after
 # warm-up almost every word is a dictionary hit. Cleared when full, so memory stays bounded.
 _FUZZY_MEMO_MAX = 200_000
@@ -59,11 +60,20 @@ def phrase_pattern(phrases: Sequence[str]) -> str:
     return emit(trie)
 
 
-def estimate_complexity(text: str) -> tuple[str, float]:
-    """Simple/complex from length and structural cues, with a rough confidence."""
+def estimate_complexity(text: str, lowered: str | None = None) -> tuple[str, float]:
+    """Simple/complex from length and structural cues, with a rough confidence.
+
+    `lowered` is `text[:_MAX_CHARS].lower()` when the caller has it already.
+    """
     words = len(text.split())
-    cues = len(_COMPLEX_WORDS.findall(text[:_MAX_CHARS].lower()))
-    cues += len(_STRUCTURE.findall(text[:4000]))
+    if lowered is None:
+        lowered = text[:_MAX_CHARS].lower()
+    cues = len(_COMPLEX_WORDS.findall(lowered))
+    head = text[:4000]
+    if "\n" in head or "`" in head:
+        cues += len(_STRUCTURE.findall(head))
+    elif _LIST_START.match(head):  # one line, no fences: only the start can be a list item
+        cues += 1
     questions = text.count("?")
     score = words / 60 + 0.5 * cues + 0.25 * max(questions - 1, 0)
     if score >= 1.0:
@@ -111,7 +121,10 @@ class KeywordEngine:
         exact = [self._exact.findall(t) if self._exact else [] for t in clipped]
         words = [_WORD.findall(t) for t in clipped]
         fuzzy = self._fuzzy_words(words)
-        return [self._predict(texts[i], exact[i], words[i], fuzzy) for i in range(len(texts))]
+        return [
+            self._predict(texts[i], clipped[i], exact[i], words[i], fuzzy)
+            for i in range(len(texts))
+        ]
 
     def _fuzzy_words(self, words: list[list[str]]) -> dict[str, str | None]:
         """Each distinct word of the batch -> the phrase word it is a near-miss of, or None."""
@@ -140,7 +153,8 @@ class KeywordEngine:
         return memo
 
     def _predict(
-        self, text: str, exact: list[str], words: list[str], fuzzy: dict[str, str | None]
+        self, text: str, lowered: str, exact: list[str], words: list[str],
+        fuzzy: dict[str, str | None],
     ) -> Prediction:
         n = len(CATEGORIES)
         exact_votes = [0] * n
@@ -156,9 +170,9 @@ class KeywordEngine:
                     total[index] += 1
         mass = sum(total)
         if not mass:
-            return self._fallback(text)
+            return self._fallback(text, lowered)
         best = max(range(n), key=total.__getitem__)  # first of equals, like argmax
-        complexity, complexity_conf = estimate_complexity(text)
+        complexity, complexity_conf = estimate_complexity(text, lowered)
         return Prediction(
             category=CATEGORIES[best],
             complexity=complexity,
@@ -168,8 +182,8 @@ class KeywordEngine:
             tier=Tier.KEYWORD if exact_votes[best] > 0 else Tier.FUZZY,
         )
 
-    def _fallback(self, text: str) -> Prediction:
-        complexity, complexity_conf = estimate_complexity(text)
+    def _fallback(self, text: str, lowered: str) -> Prediction:
+        complexity, complexity_conf = estimate_complexity(text, lowered)
         uniform = 1.0 / len(CATEGORIES)
         return Prediction(
             category=self._default,
