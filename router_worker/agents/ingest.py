@@ -172,8 +172,11 @@ class RouteAgent(Service):
         # Here rather than at import: Faust configures logging between the two.
         quiet_kafka_client_logs(settings)
         self.runtime = await RouteRuntime.start(settings, self.metrics)
+        # No linger: BatchProduce hands over whole record batches, and a lingering batch would
+        # only hold each routed batch back (up to linger_ms) before it leaves.
         self.producer = AIOKafkaProducer(
-            **{**producer_options(settings), "max_batch_size": _RECORD_BATCH_BYTES}
+            **{**producer_options(settings), "max_batch_size": _RECORD_BATCH_BYTES,
+               "linger_ms": 0}
         )
         await self.producer.start()
         self._produce = BatchProduce(self.producer)
