@@ -22,7 +22,6 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.partitioner import DefaultPartitioner
 from mode import Service
 
 from router_worker import topics
@@ -32,6 +31,7 @@ from router_worker.kafka import (
     commit_or_warn,
     fetch_or_warn,
     group_consumer_options,
+    key_partition,
     partition_lag,
     producer_options,
 )
@@ -69,7 +69,6 @@ class BatchProduce:
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self.producer = producer
-        self.partitioner = DefaultPartitioner()
 
     async def __call__(self, outgoing: Sequence[Outgoing]) -> list[Awaitable[Any]]:
         producer = self.producer
@@ -79,7 +78,7 @@ class BatchProduce:
         groups: dict[tuple[str, int], list[Outgoing]] = {}
         for o in outgoing:
             owned = partitions[o.topic]
-            groups.setdefault((o.topic, self.partitioner(o.key, owned, owned)), []).append(o)
+            groups.setdefault((o.topic, key_partition(o.key, owned)), []).append(o)
         futures: list[Awaitable[Any]] = []
         for (topic, partition), records in groups.items():
             batch = producer.create_batch()
