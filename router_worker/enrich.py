@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -199,6 +200,8 @@ class Enricher:
             retry_on_timeout=False,
         )
         self._skip_until = 0.0
+        # The last queued write-back (see `write_back_soon`); the next enrich waits for it.
+        self._writing: asyncio.Future[bool] | None = None
 
     async def __aenter__(self) -> Enricher:
         return self
@@ -212,8 +215,35 @@ class Enricher:
         await self.stop()
 
     async def stop(self) -> None:
-        """Close the connection pool."""
+        """Finish queued write-backs, then close the connection pool."""
+        await self.flush()
         await self._client.aclose()
+
+    def write_back_soon(self, writes: WriteBack) -> None:
+        """Queue a batch's write-back and return at once, so its decisions can be produced
+        while Redis stores the pins and cache entries. Write-backs run in order, and `enrich`
+        waits for the queued ones first: the next batch still sees this batch's pins."""
+        if not writes:
+            return
+        previous = self._writing
+        self._writing = asyncio.ensure_future(self._write_after(previous, writes))
+
+    async def _write_after(self, previous: asyncio.Future[bool] | None, writes: WriteBack) -> bool:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        try:
+            return await self.write_back(writes)
+        except Exception:  # nobody awaits this result: a bug must still be seen
+            log.exception("redis_write_back_failed")
+            return False
+
+    async def flush(self) -> None:
+        """Wait until every queued write-back has finished (or failed, logged)."""
+        writing = self._writing
+        if writing is not None:
+            await asyncio.gather(writing, return_exceptions=True)
+            if self._writing is writing:
+                self._writing = None
 
     @property
     def client(self) -> aioredis.Redis:
@@ -232,6 +262,8 @@ class Enricher:
         session pins, cached classifications, today's spend and the token buckets."""
         if not requests:
             return Enrichment()
+        if self._writing is not None:  # earlier batches' pins and cache entries land first
+            await self.flush()
         if time.monotonic() < self._skip_until:
             return self._defaults(requests, ["redis"])
         now = time.time() if now is None else now

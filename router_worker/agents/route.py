@@ -147,7 +147,7 @@ class Router:
             self._observe_health(enrichment)
         plan.observe(self.metrics)
         if plan.writes and self.enricher is not None:
-            await self.enricher.write_back(plan.writes)
+            self.enricher.write_back_soon(plan.writes)  # in the background, in order
         self._observe(stage_ms, _ms(classified, decided), _ms(started, decided))
         produced = [o for o in out if o is not None]
         self._count(produced)

@@ -95,9 +95,11 @@ async def test_a_batch_with_every_feature_costs_one_read_and_one_write_round_tri
     counter = RoundTrips(monkeypatch)
     try:
         first = await router.route(batch)
+        await enricher.flush()  # the write-back runs behind the produce
         assert (counter.pipelines, counter.direct) == (2, 0)  # enrich + write-back
         counter.reset()
         second = await router.route(batch)
+        await enricher.flush()
         assert (counter.pipelines, counter.direct) == (2, 0)
     finally:
         await enricher.stop()
@@ -205,3 +207,23 @@ async def test_bad_performance_demotes_and_recovery_promotes(
         assert b"gemini-2.5-flash" not in demoted
     finally:
         await recorder.stop()
+
+
+async def test_write_back_runs_behind_the_decisions_but_before_the_next_enrich(
+    isolated: dict[str, str], tmp_path: Path, redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = config_with(tmp_path)
+    router, enricher = _router(isolated, config)
+    pin = _inbound({"request_id": "p1", "session_id": "s-pin", "prompt": "integrate x^2"}, 0)
+    again = _inbound({"request_id": "p2", "session_id": "s-pin", "prompt": "hello there"}, 1)
+    counter = RoundTrips(monkeypatch)
+    try:
+        [first] = await router.route([pin])
+        assert counter.pipelines == 1  # the route returned after the enrich alone
+        [second] = await router.route([again])  # its enrich waits for the queued write-back
+    finally:
+        await enricher.stop()
+    model = orjson.loads(first.value)["decision"]["model"]
+    assert orjson.loads(second.value)["decision"]["model"] == model
+    assert "session affinity" in orjson.loads(second.value)["decision"]["reason"]
