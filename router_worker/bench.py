@@ -218,6 +218,52 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, in seconds (Linux; else nan)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all cores have spent busy so far (everything but idle and iowait)."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    return (sum(ticks) - ticks[3] - ticks[4]) / _TICKS
+
+
+@dataclass
+class CpuMeter:
+    """Cores each process kept busy between `start` and `stop`: where a phase's CPU went."""
+
+    pids: dict[str, list[int]]
+    _begin: dict[str, float] = field(default_factory=dict)
+    _wall: float = 0.0
+
+    def _now(self) -> dict[str, float]:
+        used = {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.pids.items()}
+        used["machine"] = machine_busy_seconds()
+        return used
+
+    def start(self) -> None:
+        self._begin, self._wall = self._now(), time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        end, wall = self._now(), max(time.monotonic() - self._wall, 1e-6)
+        cores = {name: round((end[name] - self._begin[name]) / wall, 2) for name in end}
+        # Postgres, Redis and anything else on the machine: what the named processes leave.
+        cores["other"] = round(cores["machine"] - sum(v for k, v in cores.items()
+                                                      if k != "machine"), 2)
+        return cores
+
+
 async def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient() as client:
@@ -445,8 +491,16 @@ async def run_bench(
             # the middle of the measurement would be measured as routing time.
             await asyncio.sleep(2 + 2 * workers)
             rss_start = sum(rss_mb(p.pid) for p in procs[:workers])
+            meter = CpuMeter({
+                "workers": [p.pid for p in procs[:workers]],
+                "sink": [p.pid for p in procs[workers:]],
+                "broker": [pid for name, pid in stack.pids.items() if name == "kafka"],
+                "bench": [os.getpid()],
+            })
+            meter.start()
             await preload(s_pipe, prompts, requests, "pipe")
             done = await watcher.wait_for(requests, 600)
+            pipeline_cores = meter.stop()
             pipeline_rate = watcher.rate()
             print(f"pipeline: {pipeline_rate:.0f} requests/s (complete={done})", file=sys.stderr)
             first_out = min(watcher.arrivals.values())
@@ -488,6 +542,8 @@ async def run_bench(
         "engine": engine,
         "requests": requests,
         "sink_rows_per_s": sink_rate,
+        # Cores each process kept busy while the pipeline ran (`other`: Postgres, Redis, ...).
+        "pipeline_cpu_cores": pipeline_cores,
         "sink": "separate process" if separate_sink else "in the worker process",
         "workers": workers,
         "unique_prompts": UNIQUE_PROMPTS,

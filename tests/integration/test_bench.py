@@ -1,0 +1,39 @@
+"""`router-worker bench` runs the whole benchmark on the real broker and prints its contract."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_prints_the_documented_json_keys(stack_env: dict[str, str], tmp_path: Path) -> None:
+    env = {**os.environ, **{k: v for k, v in stack_env.items() if k != "ROUTER_KAFKA_BOOTSTRAP"}}
+    command = [
+        sys.executable, "-m", "router_worker", "bench", "--requests", "300", "--rate", "100",
+        "--latency-seconds", "2", "--engine", "keyword", "--json",
+        "--bootstrap", stack_env["ROUTER_KAFKA_BOOTSTRAP"], "--run-dir", str(tmp_path),
+    ]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    result = orjson.loads(done.stdout)
+    for key in ("passthrough_per_s", "pipeline_per_s", "ratio", "latency_ms", "offered_rate",
+                "engine", "rss_mb", "sink_rows_per_s", "pipeline_cpu_cores"):
+        assert key in result, key
+    assert set(result["latency_ms"]) == {"p50", "p95", "p99"}
+    assert result["engine"] == "keyword"
+    assert result["offered_rate"] == 100
+    assert result["pipeline_per_s"] > 0
+    assert result["passthrough_per_s"] > 0
+    assert result["latency_requests"] == 200  # every offered request was routed
+    assert result["rss_mb"] > 0
+    assert result["pipeline_cpu_cores"]["workers"] > 0
