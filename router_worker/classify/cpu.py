@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -37,10 +38,12 @@ _MAX_CHARS = MAX_TOKENS * 8
 CHUNK = 128
 # Word -> WordPiece ids; the Rust tokenizer costs microseconds a word, a dict hit nanoseconds.
 WORD_CACHE = 200_000
-# A word is cached on its second sighting: ids, hashes and numbers that never recur would
-# otherwise fill the cache (and the worker's memory) with entries nobody reads again. The
-# hashes of words seen once are kept up to this many, then forgotten all at once.
+# A word with a digit is cached on its second sighting: ids, hashes and numbers that never
+# recur would otherwise fill the cache (and the worker's memory) with entries nobody reads
+# again. The hashes of such words seen once are kept up to this many, then forgotten all at
+# once. Words without digits (a language's vocabulary, which recurs) are cached at once.
 SEEN_ONCE = 100_000
+_HAS_DIGIT = re.compile(r"\d").search
 _BIGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)
 # Character n-grams carry what word pieces miss: typos, code symbols, CJK and Cyrillic text.
 CHAR_BUCKETS = 1 << 18
@@ -254,8 +257,9 @@ class StaticEncoder:
         )
 
     def _learn_words(self, missing: Iterable[str]) -> dict[str, tuple[int, ...]]:
-        """Entries of words not in the cache (one tokenizer call); words seen before are
-        cached from now on, first sightings are only remembered by hash."""
+        """Entries of words not in the cache (one tokenizer call). Words without digits are
+        cached from now on; words with digits from their second sighting (the first is only
+        remembered by hash)."""
         missing = list(missing)
         cache, seen = self._words, self._seen_once
         grouped = self._word_pieces(missing)
@@ -271,6 +275,9 @@ class StaticEncoder:
             if phrase_id:
                 pieces.append(-phrase_id)
             entry = fresh[word] = tuple(pieces)
+            if _HAS_DIGIT(word) is None:
+                cache[word] = entry
+                continue
             key = hash(word)
             if key in seen:
                 cache[word] = entry

@@ -278,10 +278,11 @@ def test_bench_classifier_reports_every_batch_size_and_the_loop_speedup(engine: 
     assert result["classifier_version"] == engine.version
 
 
-def test_words_are_cached_from_their_second_sighting_only(engine: CpuEngine) -> None:
+def test_words_with_digits_are_cached_from_their_second_sighting_only(engine: CpuEngine) -> None:
     encoder = engine.encoder
-    once = engine.classify(["write a poem id-7f3a9c"])
+    once = engine.classify(["write a poem id-7f3a9c quixotically"])
     assert "id-7f3a9c" not in encoder._words
-    again = engine.classify(["write a poem id-7f3a9c"])
+    assert "quixotically" in encoder._words  # vocabulary recurs: cached at once
+    again = engine.classify(["write a poem id-7f3a9c quixotically"])
     assert "id-7f3a9c" in encoder._words
     assert once[0].scores == pytest.approx(again[0].scores)
