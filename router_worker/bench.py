@@ -405,7 +405,11 @@ async def run_bench(
     plot: Path | None = None,
 ) -> dict[str, Any]:
     """The whole benchmark in one run; returns the JSON object."""
+    # ROUTER_* settings from the environment (fetch waits, batch sizes, ...) apply to the
+    # bench's own clients as they do to the workers it starts; the broker is --bootstrap's.
     base = {
+        **{k: v for k, v in os.environ.items()
+           if k.startswith("ROUTER_") and k != "ROUTER_KAFKA_BOOTSTRAP"},
         "ROUTER_REDIS_URL": os.environ.get("ROUTER_REDIS_URL", "redis://127.0.0.1:6379/0"),
         "ROUTER_DATABASE_URL": os.environ.get(
             "ROUTER_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
