@@ -113,7 +113,10 @@ class Settings(BaseSettings):
     )
     sink_group: str = Field("router-worker-sink", description="consumer group of the sink agent")
     sink_max_batch: int = Field(1000, ge=1, description="largest batch of rows per write")
-    sink_max_wait_ms: float = Field(50.0, gt=0, description="longest wait to fill a sink batch")
+    sink_max_wait_ms: float = Field(
+        50.0, gt=0, description="longest wait to fill a sink batch (also the sink consumer's "
+        "fetch wait, when longer than ROUTER_FETCH_MAX_WAIT_MS)"
+    )
 
     # --- logs ----------------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field(
