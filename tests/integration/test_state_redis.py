@@ -210,8 +210,7 @@ async def test_bad_performance_demotes_and_recovery_promotes(
 
 
 async def test_write_back_runs_behind_the_decisions_but_before_the_next_enrich(
-    isolated: dict[str, str], tmp_path: Path, redis_client: aioredis.Redis,
-    monkeypatch: pytest.MonkeyPatch,
+    isolated: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     config = config_with(tmp_path)
     router, enricher = _router(isolated, config)
