@@ -10,8 +10,8 @@ cost is our own routing work (see benchmarks/README.md).
 Delivery: a batch's offsets are committed only after every record it produced is acknowledged
 by the broker, and strictly in batch order (coalesced to one commit per `commit_interval_s`);
 on a rebalance and on shutdown everything routed is delivered and committed before the
-partitions are released. A crash re-reads what was not
-committed (at-least-once; the sink is idempotent on request_id).
+partitions are released. A crash re-reads what was not committed (at-least-once; the sink is
+idempotent on request_id).
 """
 
 from __future__ import annotations
