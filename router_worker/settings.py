@@ -61,7 +61,10 @@ class Settings(BaseSettings):
         2.0, gt=0, description="consumer session timeout; 2 s joins fast on the embedded broker"
     )
     heartbeat_interval_s: float = Field(0.5, gt=0, description="consumer heartbeat interval")
-    commit_interval_s: float = Field(0.5, gt=0, description="how often acked offsets are committed")
+    commit_interval_s: float = Field(
+        0.5, ge=0.05, description="how often acked offsets are committed (route agent and Faust; "
+        "below 0.05 s Faust's commit-livelock check can run before its consumer has started)"
+    )
     fetch_max_wait_ms: int = Field(
         10, ge=0, description="longest a fetch waits for data; the embedded broker does not wake "
         "waiting fetches when data arrives, so this bounds queue latency there"
