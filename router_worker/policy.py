@@ -98,7 +98,6 @@ class _Ranking:
     order: tuple[str, ...]
     eligible: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...]
-    pinned: bool
     reason: str
 
 
@@ -150,7 +149,7 @@ def _rank(
               + "".join(f"{note}; " for note in notes)
               + (f"skipped {', '.join(f'{m} ({w})' for m, w in skipped)}" if skipped
                  else "first choice eligible"))
-    return _Ranking(tuple(order), tuple(eligible), tuple(skipped), pinned, reason)
+    return _Ranking(tuple(order), tuple(eligible), tuple(skipped), reason)
 
 
 def decide(
