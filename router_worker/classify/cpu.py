@@ -275,23 +275,23 @@ class StaticEncoder:
             if phrase_id:
                 pieces.append(-phrase_id)
             entry = fresh[word] = tuple(pieces)
-            if _HAS_DIGIT(word) is None:
-                cache[word] = entry
-                continue
-            key = hash(word)
-            if key in seen:
+            if _HAS_DIGIT(word) is None or hash(word) in seen:
                 cache[word] = entry
             else:
-                seen.add(key)
+                seen.add(hash(word))
         return fresh
 
     def _word_pieces(self, words: list[str]) -> list[list[int]]:
         """WordPiece ids of each word: plain ASCII in Python, the rest in one tokenizer call."""
         fast = self.wordpiece
-        grouped: list[list[int]] = [
-            fast.tokenize(w) if fast is not None and handles(w) else [] for w in words
-        ]
-        slow = [i for i, w in enumerate(words) if fast is None or not handles(w)]
+        grouped: list[list[int]] = []
+        slow: list[int] = []  # positions of the words left to the tokenizer
+        for i, word in enumerate(words):
+            if fast is not None and handles(word):
+                grouped.append(fast.tokenize(word))
+            else:
+                grouped.append([])
+                slow.append(i)
         if slow:
             encoding = self.tokenizer.encode(
                 [words[i] for i in slow], is_pretokenized=True, add_special_tokens=False
