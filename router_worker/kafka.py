@@ -51,12 +51,16 @@ def consumer_options(settings: Settings) -> dict[str, Any]:
 
 
 def group_consumer_options(
-    settings: Settings, group_id: str, max_poll_records: int
+    settings: Settings, group_id: str, max_poll_records: int, fetch_max_wait_ms: int | None = None
 ) -> dict[str, Any]:
     """A consumer-group member that commits by hand after its output is durable: no
-    auto-commit, earliest reset, our session and heartbeat timings."""
+    auto-commit, earliest reset, our session and heartbeat timings; the fetch wait is
+    `settings.fetch_max_wait_ms` unless the member tolerates a longer one."""
+    options = consumer_options(settings)
+    if fetch_max_wait_ms is not None:
+        options["fetch_max_wait_ms"] = fetch_max_wait_ms
     return {
-        **consumer_options(settings),
+        **options,
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",

@@ -78,15 +78,15 @@ class SinkAgent(Service):
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
-        options = group_consumer_options(
-            self.settings, self.settings.sink_group, self.settings.sink_max_batch
-        )
+        settings = self.settings
         # The sink waits up to sink_max_wait_ms for a batch anyway; a broker that does not wake
         # waiting fetches (the embedded one) is then polled 5x less often than at the route
         # agent's short fetch wait (measured: an idle 10 ms poller costs that broker ~11% of a
         # core and the client ~10%, at 50 ms ~4% and ~3%).
-        options["fetch_max_wait_ms"] = max(options["fetch_max_wait_ms"],
-                                           int(self.settings.sink_max_wait_ms))
+        options = group_consumer_options(
+            settings, settings.sink_group, settings.sink_max_batch,
+            fetch_max_wait_ms=max(settings.fetch_max_wait_ms, int(settings.sink_max_wait_ms)),
+        )
         self.consumer = AIOKafkaConsumer(*self.status_of, self.outcome_topic, **options)
         await self.consumer.start()
         self.add_future(self._run())
