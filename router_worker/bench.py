@@ -161,40 +161,79 @@ async def preload(settings: Settings, prompts: list[str], n: int, tag: str) -> l
     return ids
 
 
-async def passthrough(settings: Settings, n: int, timeout: float) -> float:
-    """Bare aiokafka consume -> produce -> commit on the same topics: the physical limit."""
-    out_topic = settings.topic(topics.COMPLETED)
-    watcher = OutputWatcher(settings, [out_topic])
-    await watcher.start()
-    consumer = AIOKafkaConsumer(
+def _hop_consumer(settings: Settings, group_suffix: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
         settings.topic(topics.REQUESTED),
         **consumer_options(settings),
-        group_id=f"{settings.app_id}-passthrough",
+        group_id=f"{settings.app_id}-{group_suffix}",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         session_timeout_ms=2000,
         heartbeat_interval_ms=500,
         max_poll_records=1000,
     )
+
+
+async def _hop(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, out_topic: str) -> int:
+    """One bare consume -> produce -> commit round; the records it moved."""
+    batches = await consumer.getmany(timeout_ms=100, max_records=1000)
+    futures = [
+        await producer.send(out_topic, r.value, key=r.key)
+        for records in batches.values()
+        for r in records
+    ]
+    await asyncio.gather(*futures)
+    if batches:
+        await consumer.commit({tp: recs[-1].offset + 1 for tp, recs in batches.items()})
+    return len(futures)
+
+
+async def passthrough(settings: Settings, n: int, timeout: float) -> float:
+    """Bare aiokafka consume -> produce -> commit on the same topics: the physical limit."""
+    out_topic = settings.topic(topics.COMPLETED)
+    watcher = OutputWatcher(settings, [out_topic])
+    await watcher.start()
+    consumer = _hop_consumer(settings, "passthrough")
     producer = AIOKafkaProducer(**producer_options(settings))
     await asyncio.gather(consumer.start(), producer.start())
     try:
         seen = 0
         deadline = time.monotonic() + timeout
         while seen < n and time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=100, max_records=1000)
-            futures = [
-                await producer.send(out_topic, r.value, key=r.key)
-                for records in batches.values()
-                for r in records
-            ]
-            await asyncio.gather(*futures)
-            if batches:
-                await consumer.commit({tp: recs[-1].offset + 1 for tp, recs in batches.items()})
-            seen += len(futures)
+            seen += await _hop(consumer, producer, out_topic)
         await watcher.wait_for(n, 10)
         return watcher.rate()
     finally:
+        await asyncio.gather(consumer.stop(), producer.stop())
+        await watcher.stop()
+
+
+async def passthrough_latency(
+    settings: Settings, prompts: list[str], rate: float, seconds: float
+) -> list[float]:
+    """End-to-end latency of the bare hop at the offered rate: the latency floor of this broker
+    and these clients, measured the way the pipeline's is (own fresh topics, same load)."""
+    out_topic = settings.topic(topics.COMPLETED)
+    watcher = OutputWatcher(settings, [out_topic])
+    await watcher.start()
+    consumer = _hop_consumer(settings, "passthrough-latency")
+    producer = AIOKafkaProducer(**{**producer_options(settings), "linger_ms": 0})
+    await asyncio.gather(consumer.start(), producer.start())
+
+    async def hop_forever() -> None:
+        while True:
+            await _hop(consumer, producer, out_topic)
+
+    hop = asyncio.create_task(hop_forever())
+    try:
+        # The group's first join takes a moment: let it settle, as the workers do.
+        while not consumer.assignment():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1)
+        return await offered_load(settings, prompts, rate, seconds, watcher)
+    finally:
+        hop.cancel()
+        await asyncio.gather(hop, return_exceptions=True)
         await asyncio.gather(consumer.stop(), producer.stop())
         await watcher.stop()
 
@@ -392,6 +431,98 @@ def settings_for(env: dict[str, str]) -> Settings:
     return Settings.from_env(env)
 
 
+@dataclass
+class Workers:
+    """Route worker processes (and the sink, when separate) started for one bench phase."""
+
+    procs: list[subprocess.Popen[bytes]]
+    ports: list[int]
+    count: int
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self.procs[: self.count]]
+
+    @property
+    def sink_pids(self) -> list[int]:
+        return [p.pid for p in self.procs[self.count :]]
+
+    def rss_mb(self) -> float:
+        return round(sum(rss_mb(pid) for pid in self.worker_pids), 1)
+
+    async def ready(self) -> None:
+        for port, proc in zip(self.ports, self.procs, strict=False):
+            await _wait_ready(port, proc, 120)
+
+    def stop(self) -> None:
+        for child in self.procs:
+            child.terminate()
+        for child in self.procs:
+            child.wait(30)
+
+
+def start_workers(
+    env: dict[str, str], engine: str, count: int, separate_sink: bool, run_dir: Path, tag: str
+) -> Workers:
+    """Start `count` route workers (and a sink process) on the topics `env` names."""
+    env = {**env, "ROUTER_RUN_SINK": "false"} if separate_sink else env
+    procs: list[subprocess.Popen[bytes]] = []
+    ports = [free_port() for _ in range(count)]
+    with (run_dir / "bench-worker.log").open("ab") as log:
+        for index, port in enumerate(ports):
+            command = [
+                sys.executable, "-m", "router_worker", "--datadir",
+                str(run_dir / f"{tag}-{index}"), "worker", "--web-port", str(port), "-l", "warn",
+            ]
+            procs.append(subprocess.Popen(
+                command, env=worker_env(env, engine), stdout=log, stderr=subprocess.STDOUT
+            ))
+        if separate_sink:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "router_worker", "sink"],
+                env=worker_env(env, engine), stdout=log, stderr=subprocess.STDOUT,
+            ))
+    return Workers(procs, ports, count)
+
+
+async def wait_first_output(watcher: OutputWatcher, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not watcher.arrivals and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class Phase:
+    """One phase's settings on its own topics (and its own schema and Redis prefix)."""
+
+    env: dict[str, str]
+    settings: Settings
+    tag: str
+
+    @classmethod
+    async def create(cls, base: dict[str, str], tag: str, suffix: str) -> Phase:
+        name = f"{tag}{suffix}"
+        env = {
+            **base,
+            "ROUTER_TOPIC_PREFIX": f"{name}.",
+            "ROUTER_APP_ID": f"{name}-route",
+            "ROUTER_SINK_GROUP": f"{name}-sink",
+            "ROUTER_DATABASE_SCHEMA": name,
+            "ROUTER_REDIS_PREFIX": f"{name}:",
+        }
+        settings = settings_for(env)
+        await apply_topics(settings)
+        return cls(env, settings, name)
+
+    @property
+    def dsn(self) -> str:
+        return self.settings.database_url.get_secret_value()
+
+    async def cleanup(self) -> None:
+        await drop_schema(self.dsn, self.tag)
+        await drop_keys(self.settings.redis_url.get_secret_value(), self.settings.redis_prefix)
+
+
 async def run_bench(
     requests: int,
     rate: float,
@@ -404,7 +535,17 @@ async def run_bench(
     soak_seconds: float = 0.0,
     plot: Path | None = None,
 ) -> dict[str, Any]:
-    """The whole benchmark in one run; returns the JSON object."""
+    """The whole benchmark in one run; returns the JSON object.
+
+    Each phase runs on fresh topics of its own. The embedded broker's cost per record grows
+    with the records a topic holds (a bare aiokafka hop at 1,000 msg/s: broker CPU 0.4 -> 1.3
+    cores and p99 16 -> 72 ms in 20 s), so a phase on topics an earlier phase filled would
+    measure the broker's history, not the code.
+
+    - Throughput: passthrough and pipeline both drain a backlog of `requests` published before
+      their consumers start, so neither competes with the load generator.
+    - Latency: the bare hop and then the pipeline at `rate` for `latency_seconds` each.
+    """
     # ROUTER_* settings from the environment (fetch waits, batch sizes, ...) apply to the
     # bench's own clients as they do to the workers it starts; the broker is --bootstrap's.
     base = {
@@ -420,124 +561,93 @@ async def run_bench(
     plan = await resolve_stack(base, probe=True)
     stack = EmbeddedStack(run_dir, kafka=plan.kafka, redis=plan.redis, postgres=plan.postgres)
     urls = await stack.start()
+    base = {**base, **urls.env()}
     tag = f"bench{uuid.uuid4().hex[:6]}"
     prompts = load_prompts()
+    phases: list[Phase] = []
     try:
-        env_pass = {
-            **base,
-            **urls.env(),
-            "ROUTER_TOPIC_PREFIX": f"{tag}p.",
-            "ROUTER_APP_ID": f"{tag}-pass",
-        }
-        s_pass = settings_for(env_pass)
-        await apply_topics(s_pass)
+        # 1. Throughput, bare hop.
+        s_pass = (await Phase.create(base, tag, "p")).settings
         await preload(s_pass, prompts, requests, "pass")
         passthrough_rate = await passthrough(s_pass, requests, timeout=300)
         print(f"passthrough: {passthrough_rate:.0f} records/s", file=sys.stderr)
 
-        env_pipe = {
-            **base,
-            **urls.env(),
-            "ROUTER_TOPIC_PREFIX": f"{tag}r.",
-            "ROUTER_APP_ID": f"{tag}-route",
-            "ROUTER_SINK_GROUP": f"{tag}-sink",
-            "ROUTER_DATABASE_SCHEMA": tag,
-            "ROUTER_REDIS_PREFIX": f"{tag}:",
-        }
-        s_pipe = settings_for(env_pipe)
-        await apply_topics(s_pipe)
-        dsn = s_pipe.database_url.get_secret_value()
-        await migrate(dsn, tag)
+        # 2. Throughput, pipeline: the workers start on a preloaded backlog.
+        pipe = await Phase.create(base, tag, "r")
+        phases.append(pipe)
+        await migrate(pipe.dsn, pipe.tag)
+        await preload(pipe.settings, prompts, requests, "pipe")
         watcher = OutputWatcher(
-            s_pipe, [s_pipe.topic(topics.COMPLETED), s_pipe.topic(topics.FAILED)]
+            pipe.settings, [pipe.settings.topic(topics.COMPLETED),
+                            pipe.settings.topic(topics.FAILED)]
         )
         await watcher.start()
-        log_path = run_dir / "bench-worker.log"
-        if separate_sink:
-            env_pipe["ROUTER_RUN_SINK"] = "false"
-        procs: list[subprocess.Popen[bytes]] = []
-        ports = [free_port() for _ in range(workers)]
-        with log_path.open("ab") as log:
-            for index, port in enumerate(ports):
-                command = [
-                    sys.executable,
-                    "-m",
-                    "router_worker",
-                    "--datadir",
-                    str(run_dir / f"{tag}-{index}"),
-                    "worker",
-                    "--web-port",
-                    str(port),
-                    "-l",
-                    "warn",
-                ]
-                procs.append(
-                    subprocess.Popen(
-                        command,
-                        env=worker_env(env_pipe, engine),
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-            if separate_sink:
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "router_worker", "sink"],
-                        env=worker_env(env_pipe, engine),
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
+        running = start_workers(pipe.env, engine, workers, separate_sink, run_dir, pipe.tag)
         try:
-            for port, proc in zip(ports, procs, strict=False):
-                await _wait_ready(port, proc, 120)
-            # Let the group settle with every member before the load arrives: a rebalance in
-            # the middle of the measurement would be measured as routing time.
-            await asyncio.sleep(2 + 2 * workers)
-            rss_start = sum(rss_mb(p.pid) for p in procs[:workers])
+            await wait_first_output(watcher, 180)
             meter = CpuMeter({
-                "workers": [p.pid for p in procs[:workers]],
-                "sink": [p.pid for p in procs[workers:]],
+                "workers": running.worker_pids,
+                "sink": running.sink_pids,
                 "broker": [pid for name, pid in stack.pids.items() if name == "kafka"],
                 "bench": [os.getpid()],
             })
             meter.start()
-            await preload(s_pipe, prompts, requests, "pipe")
             done = await watcher.wait_for(requests, 600)
             pipeline_cores = meter.stop()
             pipeline_rate = watcher.rate()
             print(f"pipeline: {pipeline_rate:.0f} requests/s (complete={done})", file=sys.stderr)
-            first_out = min(watcher.arrivals.values())
-            while await count_rows(dsn, tag) < requests and time.monotonic() - first_out < 600:
+            first_out = min(watcher.arrivals.values(), default=time.monotonic())
+            while (await count_rows(pipe.dsn, pipe.tag) < requests
+                   and time.monotonic() - first_out < 600):
                 await asyncio.sleep(0.05)
             sink_rate = round(requests / max(time.monotonic() - first_out, 1e-6), 1)
-            latencies = await offered_load(s_pipe, prompts, rate, latency_seconds, watcher)
+            rss_throughput = running.rss_mb()
+        finally:
+            running.stop()
+            await watcher.stop()
+
+        # 3. Latency, bare hop: the floor for the pipeline's latency on this broker.
+        s_floor = (await Phase.create(base, tag, "q")).settings
+        floor = await passthrough_latency(s_floor, prompts, rate, latency_seconds)
+
+        # 4. Latency (and soak), pipeline.
+        lat = await Phase.create(base, tag, "l")
+        phases.append(lat)
+        await migrate(lat.dsn, lat.tag)
+        watcher = OutputWatcher(
+            lat.settings, [lat.settings.topic(topics.COMPLETED),
+                           lat.settings.topic(topics.FAILED)]
+        )
+        await watcher.start()
+        running = start_workers(lat.env, engine, workers, separate_sink, run_dir, lat.tag)
+        try:
+            await running.ready()
+            # Let the group settle with every member before the load arrives: a rebalance in
+            # the middle of the measurement would be measured as routing time.
+            await asyncio.sleep(2 + 2 * workers)
+            rss_start = running.rss_mb()
+            latencies = await offered_load(lat.settings, prompts, rate, latency_seconds, watcher)
             soak_samples = (
-                await soak(
-                    s_pipe, prompts, rate, soak_seconds, watcher, [p.pid for p in procs[:workers]]
-                )
+                await soak(lat.settings, prompts, rate, soak_seconds, watcher,
+                           running.worker_pids)
                 if soak_seconds > 0
                 else []
             )
-            rss_end = sum(rss_mb(p.pid) for p in procs[:workers])
+            rss_end = running.rss_mb()
         finally:
-            for child in procs:
-                child.terminate()
-                child.wait(30)
+            running.stop()
             await watcher.stop()
-            await drop_schema(dsn, tag)
-            await drop_keys(s_pipe.redis_url.get_secret_value(), s_pipe.redis_prefix)
     finally:
+        for phase in phases:
+            await phase.cleanup()
         await stack.stop()
     result: dict[str, Any] = {
         "passthrough_per_s": passthrough_rate,
         "pipeline_per_s": pipeline_rate,
         "ratio": round(pipeline_rate / passthrough_rate, 3) if passthrough_rate else None,
-        "latency_ms": {
-            "p50": percentile(latencies, 50),
-            "p95": percentile(latencies, 95),
-            "p99": percentile(latencies, 99),
-        },
+        "latency_ms": _percentiles(latencies),
+        # The same offered load through the bare aiokafka hop: this broker's latency floor.
+        "passthrough_latency_ms": _percentiles(floor),
         # Where the time went, from the decisions themselves: `queue` = publish -> the worker
         # starts the batch (broker and fetch wait), `total` = queue + enrich + classify.
         "worker_timings_ms": worker_timings(watcher.timings),
@@ -551,9 +661,10 @@ async def run_bench(
         "sink": "separate process" if separate_sink else "in the worker process",
         "workers": workers,
         "unique_prompts": UNIQUE_PROMPTS,
-        "rss_mb": max(rss_start, rss_end),
+        "rss_mb": max(rss_throughput, rss_start, rss_end),
         "rss_mb_start": rss_start,
         "rss_mb_end": rss_end,
+        "rss_mb_after_throughput": rss_throughput,
         "cpu_count": os.cpu_count(),
     }
     if soak_seconds > 0:
@@ -562,3 +673,7 @@ async def run_bench(
         plot_latencies(latencies, plot, f"router-worker, {engine} engine, {rate:.0f} req/s offered")
         result["plot"] = str(plot)
     return result
+
+
+def _percentiles(latencies: list[float]) -> dict[str, float]:
+    return {f"p{q}": percentile(latencies, q) for q in (50, 95, 99)}

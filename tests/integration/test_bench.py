@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_prints_the_documented_json_keys(stack_env: dict[str, str], tmp_path: Path) -> None:
     env = {**os.environ, **{k: v for k, v in stack_env.items() if k != "ROUTER_KAFKA_BOOTSTRAP"}}
     command = [
-        sys.executable, "-m", "router_worker", "bench", "--requests", "300", "--rate", "100",
+        sys.executable, "-m", "router_worker", "bench", "--requests", "3000", "--rate", "100",
         "--latency-seconds", "2", "--engine", "keyword", "--json",
         "--bootstrap", stack_env["ROUTER_KAFKA_BOOTSTRAP"], "--run-dir", str(tmp_path),
     ]
@@ -30,6 +30,7 @@ def test_bench_prints_the_documented_json_keys(stack_env: dict[str, str], tmp_pa
                 "engine", "rss_mb", "sink_rows_per_s", "pipeline_cpu_cores"):
         assert key in result, key
     assert set(result["latency_ms"]) == {"p50", "p95", "p99"}
+    assert set(result["passthrough_latency_ms"]) == {"p50", "p95", "p99"}
     assert result["engine"] == "keyword"
     assert result["offered_rate"] == 100
     assert result["pipeline_per_s"] > 0
