@@ -96,6 +96,14 @@ class WriteBack:
     def __bool__(self) -> bool:
         return bool(self.pins or self.cache or self.assignments)
 
+    def merged(self, later: WriteBack) -> WriteBack:
+        """This batch's writes followed by a later batch's (the later pin or entry wins)."""
+        return WriteBack(
+            pins={**self.pins, **later.pins}, pin_ttl_s=later.pin_ttl_s,
+            cache={**self.cache, **later.cache}, cache_ttl_s=later.cache_ttl_s,
+            assignments=[*self.assignments, *later.assignments],
+        )
+
 
 async def drop_keys(url: str, prefix: str) -> None:
     """Remove every key under `prefix` (a benchmark or test run's own), in batches."""
@@ -129,6 +137,10 @@ def set_many(pipe: Any, items: Sequence[tuple[str, str | bytes]], ttl_s: int) ->
         pipe.eval(SET_MANY_SCRIPT, len(items), *(k for k, _ in items), ttl_s,
                   *(v for _, v in items))
 
+
+# How long a routed batch's writes wait to ride on the next batch's enrich pipeline before
+# they go on their own: short next to the pin and cache TTLs, long next to a batch at load.
+WRITE_BACK_DELAY_S = 0.02
 
 # How long a request's experiment arm is remembered for joining its outcome.
 ASSIGNMENT_TTL_S = 7 * 86400
@@ -200,8 +212,12 @@ class Enricher:
             retry_on_timeout=False,
         )
         self._skip_until = 0.0
-        # The last queued write-back (see `write_back_soon`); the next enrich waits for it.
-        self._writing: asyncio.Future[bool] | None = None
+        # Writes queued by `write_back_soon` and not sent yet, and the timer that sends them
+        # on their own when no enrich takes them first.
+        self._pending: WriteBack | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        # The last pipeline that carried writes; the next enrich waits for it.
+        self._writing: asyncio.Future[Any] | None = None
 
     async def __aenter__(self) -> Enricher:
         return self
@@ -220,15 +236,40 @@ class Enricher:
         await self._client.aclose()
 
     def write_back_soon(self, writes: WriteBack) -> None:
-        """Queue a batch's write-back and return at once, so its decisions can be produced
-        while Redis stores the pins and cache entries. Write-backs run in order, and `enrich`
-        waits for the queued ones first: the next batch still sees this batch's pins."""
+        """Queue a batch's write-back and return at once, so its decisions are produced
+        without waiting for Redis.
+
+        The queued writes go at the head of the next batch's enrich pipeline: one round trip
+        per batch instead of two (each costs ~0.3 ms of redis-py and socket work, a fixed cost
+        that dominates small batches). Redis runs a pipeline in order, so the next batch still
+        sees this batch's session pins and cache entries. When no batch comes within
+        `WRITE_BACK_DELAY_S`, the writes go on their own; `flush` and `stop` send them at once.
+        """
         if not writes:
             return
-        previous = self._writing
-        self._writing = asyncio.ensure_future(self._write_after(previous, writes))
+        if self._pending is not None:
+            self._pending = self._pending.merged(writes)
+            return
+        self._pending = writes
+        self._send_timer = asyncio.get_running_loop().call_later(
+            WRITE_BACK_DELAY_S, self._send_pending
+        )
 
-    async def _write_after(self, previous: asyncio.Future[bool] | None, writes: WriteBack) -> bool:
+    def _take_pending(self) -> WriteBack | None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        writes, self._pending = self._pending, None
+        return writes
+
+    def _send_pending(self) -> None:
+        """Send the queued writes on their own pipeline, after any still in flight."""
+        writes = self._take_pending()
+        if writes:
+            previous = self._writing
+            self._writing = asyncio.ensure_future(self._write_after(previous, writes))
+
+    async def _write_after(self, previous: asyncio.Future[Any] | None, writes: WriteBack) -> bool:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
         try:
@@ -237,13 +278,18 @@ class Enricher:
             log.exception("redis_write_back_failed")
             return False
 
-    async def flush(self) -> None:
-        """Wait until every queued write-back has finished (or failed, logged)."""
+    async def _wait_writing(self) -> None:
         writing = self._writing
         if writing is not None:
             await asyncio.gather(writing, return_exceptions=True)
             if self._writing is writing:
                 self._writing = None
+
+    async def flush(self) -> None:
+        """Send the queued writes now and wait until every write-back has finished (or
+        failed, logged)."""
+        self._send_pending()
+        await self._wait_writing()
 
     @property
     def client(self) -> aioredis.Redis:
@@ -258,12 +304,14 @@ class Enricher:
         self, requests: Sequence[RoutingRequested], cache_keys: Sequence[str] = (),
         now: float | None = None,
     ) -> Enrichment:
-        """One pipeline: tenant profiles, breakers (claiming half-open probes), demotions,
-        session pins, cached classifications, today's spend and the token buckets."""
+        """One pipeline: the earlier batches' queued writes, then tenant profiles, breakers
+        (claiming half-open probes), demotions, session pins, cached classifications, today's
+        spend and the token buckets."""
         if not requests:
             return Enrichment()
         if self._writing is not None:  # earlier batches' pins and cache entries land first
-            await self.flush()
+            await self._wait_writing()
+        writes = self._take_pending()  # ... or at the head of this pipeline
         if time.monotonic() < self._skip_until:
             return self._defaults(requests, ["redis"])
         now = time.time() if now is None else now
@@ -282,6 +330,9 @@ class Enricher:
         day = window_ids(datetime.fromtimestamp(now, UTC))["daily"]
 
         pipe = self._client.pipeline(transaction=False)
+        if writes:
+            self._queue_writes(pipe, writes)
+        written = len(pipe)
         for tenant_id in tenant_ids:
             pipe.get(self.keys.tenant(tenant_id))
         if config.health.enabled:
@@ -299,8 +350,11 @@ class Enricher:
         for tenant_id, (rate, burst) in limited:
             pipe.eval(BUCKET_SCRIPT, 1, self.keys.bucket(tenant_id), rate, burst,
                       int(now * 1000), wanted[tenant_id])
+        execution = asyncio.ensure_future(pipe.execute())
+        if writes:  # a batch routed alongside this one reads only after these writes land
+            self._writing = execution
         try:
-            replies = iter(await pipe.execute())
+            replies = iter((await execution)[written:])
         except (RedisError, OSError) as exc:
             self._skip_until = time.monotonic() + _RETRY_AFTER_S
             log.warning("redis_unavailable", error=type(exc).__name__, detail=str(exc)[:200])
@@ -328,6 +382,16 @@ class Enricher:
         if not writes or time.monotonic() < self._skip_until:
             return not writes
         pipe = self._client.pipeline(transaction=False)
+        self._queue_writes(pipe, writes)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._skip_until = time.monotonic() + _RETRY_AFTER_S
+            log.warning("redis_unavailable", error=type(exc).__name__)
+            return False
+        return True
+
+    def _queue_writes(self, pipe: Any, writes: WriteBack) -> None:
         keys = self.keys
         set_many(pipe, [(keys.session(t, s), m) for (t, s), m in writes.pins.items()],
                  writes.pin_ttl_s)
@@ -337,13 +401,6 @@ class Enricher:
             pipe.hincrby(keys.experiment(experiment), f"{arm}|assigned", n)
         set_many(pipe, [(keys.experiment_request(r), f"{e}|{a}") for r, e, a in writes.assignments],
                  ASSIGNMENT_TTL_S)
-        try:
-            await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._skip_until = time.monotonic() + _RETRY_AFTER_S
-            log.warning("redis_unavailable", error=type(exc).__name__)
-            return False
-        return True
 
     async def pin_sessions(self, pins: dict[tuple[str, str], str], ttl_s: int) -> bool:
         """Remember each session's model for `ttl_s`; False when Redis is unavailable."""

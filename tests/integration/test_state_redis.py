@@ -3,6 +3,7 @@ and the outcome recorder's breaker, performance, spend, experiment and alert upd
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from router_worker.agents.route import Router
 from router_worker.classify.cascade import Cascade
 from router_worker.classify.keyword import keyword_engine_from_config
 from router_worker.config import RoutingConfig
-from router_worker.enrich import Enricher, Keys
+from router_worker.enrich import WRITE_BACK_DELAY_S, Enricher, Keys
 from router_worker.events import RoutingRequested
 from router_worker.metrics import create_metrics
 from router_worker.state.health import open_value
@@ -75,7 +76,7 @@ def _router(env: dict[str, str], config: RoutingConfig) -> tuple[Router, Enriche
     return Router(settings, config, cascade, enricher, create_metrics()), enricher
 
 
-async def test_a_batch_with_every_feature_costs_one_read_and_one_write_round_trip(
+async def test_a_batch_with_every_feature_costs_one_round_trip_its_writes_ride_the_next(
     isolated: dict[str, str], tmp_path: Path, redis_client: aioredis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -95,12 +96,13 @@ async def test_a_batch_with_every_feature_costs_one_read_and_one_write_round_tri
     counter = RoundTrips(monkeypatch)
     try:
         first = await router.route(batch)
-        await enricher.flush()  # the write-back runs behind the produce
-        assert (counter.pipelines, counter.direct) == (2, 0)  # enrich + write-back
+        assert (counter.pipelines, counter.direct) == (1, 0)  # the reads; its writes wait
         counter.reset()
-        second = await router.route(batch)
-        await enricher.flush()
-        assert (counter.pipelines, counter.direct) == (2, 0)
+        second = await router.route(batch)  # the first batch's writes, then this one's reads
+        assert (counter.pipelines, counter.direct) == (1, 0)
+        counter.reset()
+        await enricher.flush()  # the second batch's writes
+        assert (counter.pipelines, counter.direct) == (1, 0)
     finally:
         await enricher.stop()
     assert len(first) == len(second) == 41
@@ -220,9 +222,47 @@ async def test_write_back_runs_behind_the_decisions_but_before_the_next_enrich(
     try:
         [first] = await router.route([pin])
         assert counter.pipelines == 1  # the route returned after the enrich alone
-        [second] = await router.route([again])  # its enrich waits for the queued write-back
+        [second] = await router.route([again])  # the pin is written ahead of its reads
+        assert counter.pipelines == 2
     finally:
         await enricher.stop()
     model = orjson.loads(first.value)["decision"]["model"]
     assert orjson.loads(second.value)["decision"]["model"] == model
     assert "session affinity" in orjson.loads(second.value)["decision"]["reason"]
+
+
+async def test_batches_routed_together_after_a_pin_both_see_it(
+    isolated: dict[str, str], tmp_path: Path,
+) -> None:
+    config = config_with(tmp_path)
+    router, enricher = _router(isolated, config)
+    pin = _inbound({"request_id": "p1", "session_id": "s-pin", "prompt": "integrate x^2"}, 0)
+    later = [_inbound({"request_id": f"p{i}", "session_id": "s-pin", "prompt": "hello there"}, i)
+             for i in (2, 3)]
+    try:
+        [first] = await router.route([pin])
+        # The first of these carries the pin; the second reads only after it has landed.
+        routed = await asyncio.gather(*(router.route([one]) for one in later))
+    finally:
+        await enricher.stop()
+    model = orjson.loads(first.value)["decision"]["model"]
+    for [out] in routed:
+        decision = orjson.loads(out.value)["decision"]
+        assert decision["model"] == model
+        assert "session affinity" in decision["reason"]
+
+
+async def test_writes_go_on_their_own_when_no_batch_follows(
+    isolated: dict[str, str], tmp_path: Path, redis_client: aioredis.Redis,
+) -> None:
+    config = config_with(tmp_path)
+    router, enricher = _router(isolated, config)
+    keys = Keys(settings_from(isolated).redis_prefix)
+    pin = _inbound({"request_id": "p1", "session_id": "s-alone", "prompt": "integrate x^2"}, 0)
+    try:
+        await router.route([pin])
+        assert await redis_client.get(keys.session("default", "s-alone")) is None  # queued
+        await asyncio.sleep(WRITE_BACK_DELAY_S * 10)
+        assert await redis_client.get(keys.session("default", "s-alone")) is not None
+    finally:
+        await enricher.stop()
