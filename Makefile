@@ -27,7 +27,7 @@ help:
 $(INSTALLED): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,ml,plot]'
+	$(BIN)/python -m pip install -q -e '.[dev,ml,plot,peers]'
 	@touch $@
 
 venv: $(INSTALLED)

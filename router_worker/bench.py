@@ -18,7 +18,7 @@ import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from router_worker import topics
+from router_worker import bench_peer, topics
 from router_worker.commands.admin import apply_topics
 from router_worker.embedded import EmbeddedStack, free_port, resolve_stack
 from router_worker.enrich import drop_keys
@@ -205,6 +205,31 @@ async def passthrough(settings: Settings, n: int, timeout: float) -> float:
         return watcher.rate()
     finally:
         await asyncio.gather(consumer.stop(), producer.stop())
+        await watcher.stop()
+
+
+async def quix_passthrough(settings: Settings, n: int, timeout: float, log_path: Path) -> float:
+    """The same drain through a Quix Streams app (the peer reference), in its own process."""
+    out_topic = settings.topic(topics.COMPLETED)
+    watcher = OutputWatcher(settings, [out_topic])
+    await watcher.start()
+    command = [sys.executable, "-m", "router_worker.bench_peer",
+               settings.kafka_bootstrap, settings.topic(topics.REQUESTED), out_topic,
+               f"{settings.app_id}-quix"]
+    with log_path.open("ab") as log:
+        peer = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        if not await watcher.wait_for(n, timeout):
+            raise RuntimeError(f"Quix Streams moved {len(watcher.arrivals)} of {n} records "
+                               f"in {timeout:.0f} s (log: {log_path})")
+        return watcher.rate()
+    finally:
+        peer.terminate()
+        try:
+            peer.wait(30)
+        except subprocess.TimeoutExpired:
+            peer.kill()
         await watcher.stop()
 
 
@@ -572,6 +597,16 @@ async def run_bench(
         passthrough_rate = await passthrough(s_pass, requests, timeout=300)
         print(f"passthrough: {passthrough_rate:.0f} records/s", file=sys.stderr)
 
+        # 1b. Throughput, the peer reference (when the `peers` extra is installed).
+        # It connects in plaintext: skipped against a broker that needs TLS or SASL.
+        quix_version = bench_peer.available()
+        quix_rate: float | None = None
+        if quix_version is not None and s_pass.kafka_security_protocol == "PLAINTEXT":
+            s_quix = (await Phase.create(base, tag, "x")).settings
+            await preload(s_quix, prompts, requests, "quix")
+            quix_rate = await quix_passthrough(s_quix, requests, 300, run_dir / "bench-quix.log")
+            print(f"quix streams passthrough: {quix_rate:.0f} records/s", file=sys.stderr)
+
         # 2. Throughput, pipeline: the workers start on a preloaded backlog.
         pipe = await Phase.create(base, tag, "r")
         phases.append(pipe)
@@ -645,6 +680,9 @@ async def run_bench(
         "passthrough_per_s": passthrough_rate,
         "pipeline_per_s": pipeline_rate,
         "ratio": round(pipeline_rate / passthrough_rate, 3) if passthrough_rate else None,
+        # The same drain through Quix Streams (null without the `peers` extra).
+        "quix_passthrough_per_s": quix_rate,
+        "quix_streams_version": quix_version,
         "latency_ms": _percentiles(latencies),
         # The same offered load through the bare aiokafka hop: this broker's latency floor.
         "passthrough_latency_ms": _percentiles(floor),

@@ -10,6 +10,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from router_worker import bench_peer
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,3 +40,7 @@ def test_bench_prints_the_documented_json_keys(stack_env: dict[str, str], tmp_pa
     assert result["latency_requests"] == 200  # every offered request was routed
     assert result["rss_mb"] > 0
     assert result["pipeline_cpu_cores"]["workers"] > 0
+    if bench_peer.available() is None:  # the `peers` extra is optional
+        assert result["quix_passthrough_per_s"] is None
+    else:
+        assert result["quix_passthrough_per_s"] > 0
