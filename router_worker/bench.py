@@ -252,7 +252,10 @@ async def passthrough_latency(
     hop = asyncio.create_task(hop_forever())
     try:
         # The group's first join takes a moment: let it settle, as the workers do.
+        deadline = time.monotonic() + 60
         while not consumer.assignment():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the bare hop's consumer got no partitions in 60 s")
             await asyncio.sleep(0.05)
         await asyncio.sleep(1)
         return await offered_load(settings, prompts, rate, seconds, watcher)
@@ -539,6 +542,15 @@ class Phase:
         await apply_topics(settings)
         return cls(env, settings, name)
 
+    async def decisions(self) -> OutputWatcher:
+        """A started watcher of this phase's completed and failed topics."""
+        watcher = OutputWatcher(
+            self.settings, [self.settings.topic(topics.COMPLETED),
+                            self.settings.topic(topics.FAILED)]
+        )
+        await watcher.start()
+        return watcher
+
     @property
     def dsn(self) -> str:
         return self.settings.database_url.get_secret_value()
@@ -612,11 +624,7 @@ async def run_bench(
         phases.append(pipe)
         await migrate(pipe.dsn, pipe.tag)
         await preload(pipe.settings, prompts, requests, "pipe")
-        watcher = OutputWatcher(
-            pipe.settings, [pipe.settings.topic(topics.COMPLETED),
-                            pipe.settings.topic(topics.FAILED)]
-        )
-        await watcher.start()
+        watcher = await pipe.decisions()
         running = start_workers(pipe.env, engine, workers, separate_sink, run_dir, pipe.tag)
         try:
             await wait_first_output(watcher, 180)
@@ -649,11 +657,7 @@ async def run_bench(
         lat = await Phase.create(base, tag, "l")
         phases.append(lat)
         await migrate(lat.dsn, lat.tag)
-        watcher = OutputWatcher(
-            lat.settings, [lat.settings.topic(topics.COMPLETED),
-                           lat.settings.topic(topics.FAILED)]
-        )
-        await watcher.start()
+        watcher = await lat.decisions()
         running = start_workers(lat.env, engine, workers, separate_sink, run_dir, lat.tag)
         try:
             await running.ready()
