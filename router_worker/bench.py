@@ -571,6 +571,7 @@ async def run_bench(
     workers: int = 1,
     soak_seconds: float = 0.0,
     plot: Path | None = None,
+    peer: bool = True,
 ) -> dict[str, Any]:
     """The whole benchmark in one run; returns the JSON object.
 
@@ -582,6 +583,7 @@ async def run_bench(
     - Throughput: passthrough and pipeline both drain a backlog of `requests` published before
       their consumers start, so neither competes with the load generator.
     - Latency: the bare hop and then the pipeline at `rate` for `latency_seconds` each.
+    - Last, the peer reference: the same drain through Quix Streams (`peers` extra).
     """
     # ROUTER_* settings from the environment (fetch waits, batch sizes, ...) apply to the
     # bench's own clients as they do to the workers it starts; the broker is --bootstrap's.
@@ -608,16 +610,6 @@ async def run_bench(
         await preload(s_pass, prompts, requests, "pass")
         passthrough_rate = await passthrough(s_pass, requests, timeout=300)
         print(f"passthrough: {passthrough_rate:.0f} records/s", file=sys.stderr)
-
-        # 1b. Throughput, the peer reference (when the `peers` extra is installed).
-        # It connects in plaintext: skipped against a broker that needs TLS or SASL.
-        quix_version = bench_peer.available()
-        quix_rate: float | None = None
-        if quix_version is not None and s_pass.kafka_security_protocol == "PLAINTEXT":
-            s_quix = (await Phase.create(base, tag, "x")).settings
-            await preload(s_quix, prompts, requests, "quix")
-            quix_rate = await quix_passthrough(s_quix, requests, 300, run_dir / "bench-quix.log")
-            print(f"quix streams passthrough: {quix_rate:.0f} records/s", file=sys.stderr)
 
         # 2. Throughput, pipeline: the workers start on a preloaded backlog.
         pipe = await Phase.create(base, tag, "r")
@@ -676,6 +668,17 @@ async def run_bench(
         finally:
             running.stop()
             await watcher.stop()
+
+        # 5. Throughput, the peer reference (when the `peers` extra is installed), last so
+        # that nothing it leaves behind in the broker can touch the other phases.
+        # It connects in plaintext: skipped against a broker that needs TLS or SASL.
+        quix_version = bench_peer.available() if peer else None
+        quix_rate: float | None = None
+        if quix_version is not None and s_pass.kafka_security_protocol == "PLAINTEXT":
+            s_quix = (await Phase.create(base, tag, "x")).settings
+            await preload(s_quix, prompts, requests, "quix")
+            quix_rate = await quix_passthrough(s_quix, requests, 300, run_dir / "bench-quix.log")
+            print(f"quix streams passthrough: {quix_rate:.0f} records/s", file=sys.stderr)
     finally:
         for phase in phases:
             await phase.cleanup()

@@ -46,6 +46,12 @@ import orjson
     default=None,
     help="write a latency histogram PNG (plot extra)",
 )
+@click.option(
+    "--peer/--no-peer",
+    default=True,
+    show_default=True,
+    help="also drain the backlog through Quix Streams when the peers extra is installed",
+)
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
 @click.option(
     "--out",
@@ -63,6 +69,7 @@ def bench_command(
     workers: int,
     soak_seconds: float,
     plot: Path | None,
+    peer: bool,
     run_dir: Path,
     as_json: bool,
     out: Path | None,
@@ -83,6 +90,7 @@ def bench_command(
             workers,
             soak_seconds,
             plot,
+            peer,
         )
     )
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
