@@ -513,9 +513,12 @@ def start_workers(
     return Workers(procs, ports, count)
 
 
-async def wait_first_output(watcher: OutputWatcher, timeout: float) -> None:
+async def wait_first_output(watcher: OutputWatcher, running: Workers, timeout: float) -> None:
+    """Until the first decision arrives; a worker that exits meanwhile fails the bench."""
     deadline = time.monotonic() + timeout
     while not watcher.arrivals and time.monotonic() < deadline:
+        if any(proc.poll() is not None for proc in running.procs):
+            raise RuntimeError("a worker exited during start-up (see bench-worker.log)")
         await asyncio.sleep(0.01)
 
 
@@ -576,9 +579,9 @@ async def run_bench(
     """The whole benchmark in one run; returns the JSON object.
 
     Each phase runs on fresh topics of its own. The embedded broker's cost per record grows
-    with the records a topic holds (a bare aiokafka hop at 1,000 msg/s: broker CPU 0.4 -> 1.3
-    cores and p99 16 -> 72 ms in 20 s), so a phase on topics an earlier phase filled would
-    measure the broker's history, not the code.
+    with the records a topic holds (a bare aiokafka hop at 1,000 msg/s: broker CPU 0.4 -> 1.2
+    cores and p99 16 -> 104 ms in 18 s, scripts/broker_floor.py), so a phase on topics an
+    earlier phase filled would measure the broker's history, not the code.
 
     - Throughput: passthrough and pipeline both drain a backlog of `requests` published before
       their consumers start, so neither competes with the load generator.
@@ -619,7 +622,7 @@ async def run_bench(
         watcher = await pipe.decisions()
         running = start_workers(pipe.env, engine, workers, separate_sink, run_dir, pipe.tag)
         try:
-            await wait_first_output(watcher, 180)
+            await wait_first_output(watcher, running, 180)
             meter = CpuMeter({
                 "workers": running.worker_pids,
                 "sink": running.sink_pids,
