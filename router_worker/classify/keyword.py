@@ -20,6 +20,9 @@ _MAX_CHARS = 1500
 _FUZZY_CUTOFF = 85.0
 _MIN_FUZZY_LEN = 5
 _WORD = re.compile(r"[^\W\d_]{5,}")
+# On ASCII text (most prompts) those letters are a-z after lower-casing, and a plain class
+# matches several times faster than the Unicode category test; the results are identical.
+_ASCII_WORD = re.compile(r"[a-z]{5,}")
 # Matched against lower-cased text: case-insensitive matching costs twice as much. The lookahead
 # skips positions that cannot start a cue cheaply (keep it in step with the first letters).
 _COMPLEX_WORDS = re.compile(
@@ -119,7 +122,7 @@ class KeywordEngine:
             return []
         clipped = [t[:_MAX_CHARS].lower() for t in texts]
         exact = [self._exact.findall(t) if self._exact else [] for t in clipped]
-        words = [_WORD.findall(t) for t in clipped]
+        words = [(_ASCII_WORD if t.isascii() else _WORD).findall(t) for t in clipped]
         fuzzy = self._fuzzy_words(words)
         return [
             self._predict(texts[i], clipped[i], exact[i], words[i], fuzzy)

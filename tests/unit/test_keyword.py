@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import re
 
-from router_worker.classify.keyword import KeywordEngine, estimate_complexity, phrase_pattern
+from hypothesis import given
+from hypothesis import strategies as st
+
+from router_worker.bench import load_prompts
+from router_worker.classify.keyword import (
+    _ASCII_WORD,
+    _WORD,
+    KeywordEngine,
+    estimate_complexity,
+    phrase_pattern,
+)
 from router_worker.events import Tier
 
 ENGINE = KeywordEngine({"code": ["python", "stack trace"], "ops": ["kubernetes"],
@@ -48,3 +58,16 @@ def test_a_word_seen_again_is_answered_from_memory_with_the_same_result() -> Non
     first = engine.classify(["kubernetse is down"])[0]
     assert engine._memo["kubernetse"] == "kubernetes"
     assert engine.classify(["kubernetse is down"])[0] == first
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=127), max_size=200))
+def test_ascii_words_match_the_unicode_word_pattern(text: str) -> None:
+    lowered = text.lower()
+    assert _ASCII_WORD.findall(lowered) == _WORD.findall(lowered)
+
+
+def test_the_corpus_gives_the_same_words_either_way() -> None:
+    for text in load_prompts():
+        lowered = text[:1500].lower()
+        if lowered.isascii():
+            assert _ASCII_WORD.findall(lowered) == _WORD.findall(lowered)
