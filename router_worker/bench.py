@@ -22,7 +22,7 @@ from router_worker import bench_peer, topics
 from router_worker.commands.admin import apply_topics
 from router_worker.embedded import EmbeddedStack, free_port, resolve_stack
 from router_worker.enrich import drop_keys
-from router_worker.kafka import consumer_options, producer_options
+from router_worker.kafka import consumer_options, group_consumer_options, producer_options
 from router_worker.settings import Settings
 from router_worker.store.migrate import drop_schema, migrate, quote_ident
 
@@ -164,17 +164,11 @@ async def preload(settings: Settings, prompts: list[str], n: int, tag: str) -> l
 def _hop_consumer(settings: Settings, group_suffix: str) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         settings.topic(topics.REQUESTED),
-        **consumer_options(settings),
-        group_id=f"{settings.app_id}-{group_suffix}",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=2000,
-        heartbeat_interval_ms=500,
-        max_poll_records=1000,
+        **group_consumer_options(settings, f"{settings.app_id}-{group_suffix}", 1000),
     )
 
 
-async def _hop(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, out_topic: str) -> int:
+async def bare_hop(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, out_topic: str) -> int:
     """One bare consume -> produce -> commit round; the records it moved."""
     batches = await consumer.getmany(timeout_ms=100, max_records=1000)
     futures = [
@@ -200,7 +194,7 @@ async def passthrough(settings: Settings, n: int, timeout: float) -> float:
         seen = 0
         deadline = time.monotonic() + timeout
         while seen < n and time.monotonic() < deadline:
-            seen += await _hop(consumer, producer, out_topic)
+            seen += await bare_hop(consumer, producer, out_topic)
         await watcher.wait_for(n, 10)
         return watcher.rate()
     finally:
@@ -247,7 +241,7 @@ async def passthrough_latency(
 
     async def hop_forever() -> None:
         while True:
-            await _hop(consumer, producer, out_topic)
+            await bare_hop(consumer, producer, out_topic)
 
     hop = asyncio.create_task(hop_forever())
     try:

@@ -27,7 +27,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from router_worker.bench import cpu_seconds, percentile
+from router_worker.bench import bare_hop, cpu_seconds, percentile
 from router_worker.embedded import EmbeddedStack
 
 _PAYLOAD = b"x" * 300  # about the size of a routing request
@@ -76,12 +76,7 @@ async def _hop(
 
     async def move() -> None:
         while True:
-            batches = await mover.getmany(timeout_ms=100, max_records=1000)
-            futures = [await producer.send("b", r.value, key=r.key)
-                       for records in batches.values() for r in records]
-            await asyncio.gather(*futures)
-            if batches:
-                await mover.commit({tp: rs[-1].offset + 1 for tp, rs in batches.items()})
+            await bare_hop(mover, producer, "b")
 
     async def read() -> None:
         while True:
