@@ -34,6 +34,13 @@ import orjson
     help="route worker processes in the one consumer group (scale-out)",
 )
 @click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    default=None,
+    help="partitions of every bench topic [default: ROUTER_TOPIC_PARTITIONS when set, else "
+    "one per worker]",
+)
+@click.option(
     "--duration",
     "soak_seconds",
     default=0.0,
@@ -67,6 +74,7 @@ def bench_command(
     latency_seconds: float,
     separate_sink: bool,
     workers: int,
+    partitions: int | None,
     soak_seconds: float,
     plot: Path | None,
     peer: bool,
@@ -91,6 +99,7 @@ def bench_command(
             soak_seconds,
             plot,
             peer,
+            partitions,
         )
     )
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()

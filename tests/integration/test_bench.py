@@ -21,7 +21,7 @@ def test_bench_prints_the_documented_json_keys(stack_env: dict[str, str], tmp_pa
     env = {**os.environ, **{k: v for k, v in stack_env.items() if k != "ROUTER_KAFKA_BOOTSTRAP"}}
     command = [
         sys.executable, "-m", "router_worker", "bench", "--requests", "3000", "--rate", "100",
-        "--latency-seconds", "2", "--engine", "keyword", "--json",
+        "--latency-seconds", "2", "--engine", "keyword", "--json", "--partitions", "2",
         "--bootstrap", stack_env["ROUTER_KAFKA_BOOTSTRAP"], "--run-dir", str(tmp_path),
     ]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, timeout=300,
@@ -34,6 +34,7 @@ def test_bench_prints_the_documented_json_keys(stack_env: dict[str, str], tmp_pa
     assert set(result["latency_ms"]) == {"p50", "p95", "p99"}
     assert set(result["passthrough_latency_ms"]) == {"p50", "p95", "p99"}
     assert result["engine"] == "keyword"
+    assert result["partitions"] == 2  # the flag wins over the environment's 4
     assert result["offered_rate"] == 100
     assert result["pipeline_per_s"] > 0
     assert result["passthrough_per_s"] > 0
