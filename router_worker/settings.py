@@ -66,8 +66,9 @@ class Settings(BaseSettings):
         "below 0.05 s Faust's commit-livelock check can run before its consumer has started)"
     )
     fetch_max_wait_ms: int = Field(
-        10, ge=0, description="longest a fetch waits for data; the embedded broker does not wake "
-        "waiting fetches when data arrives, so this bounds queue latency there"
+        5, ge=0, description="longest a fetch waits for data; the embedded broker does not wake "
+        "waiting fetches when data arrives, so this bounds queue latency there (Kafka and "
+        "Redpanda answer as soon as data arrives: there it only paces idle polls)"
     )
     outcome_fetch_max_wait_ms: int = Field(
         250, ge=0, description="fetch wait of the outcome agent's consumer: outcomes tolerate "
