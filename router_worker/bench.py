@@ -325,6 +325,16 @@ class CpuMeter:
         return cores
 
 
+def phase_meter(running: Workers, stack: EmbeddedStack) -> CpuMeter:
+    """A meter of the workers, the sink, the embedded broker (if any) and the bench itself."""
+    return CpuMeter({
+        "workers": running.worker_pids,
+        "sink": running.sink_pids,
+        "broker": [pid for name, pid in stack.pids.items() if name == "kafka"],
+        "bench": [os.getpid()],
+    })
+
+
 async def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient() as client:
@@ -623,12 +633,7 @@ async def run_bench(
         running = start_workers(pipe.env, engine, workers, separate_sink, run_dir, pipe.tag)
         try:
             await wait_first_output(watcher, running, 180)
-            meter = CpuMeter({
-                "workers": running.worker_pids,
-                "sink": running.sink_pids,
-                "broker": [pid for name, pid in stack.pids.items() if name == "kafka"],
-                "bench": [os.getpid()],
-            })
+            meter = phase_meter(running, stack)
             meter.start()
             done = await watcher.wait_for(requests, 600)
             pipeline_cores = meter.stop()
@@ -660,7 +665,10 @@ async def run_bench(
             # the middle of the measurement would be measured as routing time.
             await asyncio.sleep(2 + 2 * workers)
             rss_start = running.rss_mb()
+            meter = phase_meter(running, stack)
+            meter.start()
             latencies = await offered_load(lat.settings, prompts, rate, latency_seconds, watcher)
+            latency_cores = meter.stop()
             soak_samples = (
                 await soak(lat.settings, prompts, rate, soak_seconds, watcher,
                            running.worker_pids)
@@ -706,6 +714,8 @@ async def run_bench(
         "sink_rows_per_s": sink_rate,
         # Cores each process kept busy while the pipeline ran (`other`: Postgres, Redis, ...).
         "pipeline_cpu_cores": pipeline_cores,
+        # The same during the latency run: how busy the machine was at the offered rate.
+        "latency_cpu_cores": latency_cores,
         "sink": "separate process" if separate_sink else "in the worker process",
         "workers": workers,
         "partitions": partitions,
