@@ -187,6 +187,9 @@ class RouteAgent(Service):
                "linger_ms": 0}
         )
         await self.producer.start()
+        # The output topics' metadata now, not on the first batch's produce.
+        for topic in (topics.COMPLETED, topics.FAILED):
+            await self.producer.partitions_for(settings.topic(topic))
         self._produce = BatchProduce(self.producer)
         self.consumer = AIOKafkaConsumer(
             **group_consumer_options(settings, settings.app_id, settings.max_batch),

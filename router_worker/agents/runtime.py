@@ -50,6 +50,16 @@ def _load_engine(settings: Settings) -> tuple[Engine | None, Any, list[str]]:
         return None, None, ["classifier"]
 
 
+# Short prompts in the scripts the engines handle differently (ASCII, accented, CJK), for the
+# start-up warm-up only.
+WARM_UP_PROMPTS = (
+    "Write a Python function that merges two sorted lists.",
+    "Summarise this article in three bullet points.",
+    "¿Puedes traducir esta frase al inglés, por favor?",
+    "请解释一下什么是量子计算。",
+)
+
+
 def settle_heap() -> None:
     """Take everything alive now (engine tables, word caches, config) out of the cyclic GC's
     sight.
@@ -93,8 +103,18 @@ class RouteRuntime:
         metrics.classifier_info.labels(engine.name if engine else "keyword", cascade.version).set(1)
         log.info("route_agent_started", engine=engine.name if engine else "keyword",
                  classifier_version=cascade.version, config_version=config.version)
+        runtime = cls(router, enricher, watcher, degraded)
+        await runtime.warm(settings.route_concurrency)
         settle_heap()
-        return cls(router, enricher, watcher, degraded)
+        return runtime
+
+    async def warm(self, connections: int) -> None:
+        """Pay the first batch's one-off costs before the agent takes records (and before
+        /readyz says ready): Redis connections and Lua script compilation, and the
+        classifier's first calls. Nothing is written: the scripts are only loaded, the
+        predictions dropped."""
+        await self.enricher.warm(connections)
+        await self.router.cascade.classify(list(WARM_UP_PROMPTS))
 
     @property
     def version(self) -> str:
