@@ -16,6 +16,14 @@ import orjson
 @click.option("--bootstrap", default=None, help="use this broker instead of an embedded one")
 @click.option("--latency-seconds", default=10.0, show_default=True)
 @click.option(
+    "--warmup-seconds",
+    "warmup_s",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="offered load before each latency window, reported apart (warmup_latency_ms)",
+)
+@click.option(
     "--run-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path(".run/bench"),
@@ -72,6 +80,7 @@ def bench_command(
     engine: str,
     bootstrap: str | None,
     latency_seconds: float,
+    warmup_s: float,
     separate_sink: bool,
     workers: int,
     partitions: int | None,
@@ -100,6 +109,7 @@ def bench_command(
             plot,
             peer,
             partitions,
+            warmup_s,
         )
     )
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()

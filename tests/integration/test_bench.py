@@ -39,6 +39,9 @@ def test_bench_prints_the_documented_json_keys(stack_env: dict[str, str], tmp_pa
     assert result["pipeline_per_s"] > 0
     assert result["passthrough_per_s"] > 0
     assert result["latency_requests"] == 200  # every offered request was routed
+    assert result["warmup_s"] == 1.0  # 100 more requests before the window, counted apart
+    assert set(result["warmup_latency_ms"]) == {"p50", "p95", "p99"}
+    assert result["latency_cpu_cores"]["workers"] > 0
     assert result["rss_mb"] > 0
     assert result["pipeline_cpu_cores"]["workers"] > 0
     if bench_peer.available() is None:  # the `peers` extra is optional
