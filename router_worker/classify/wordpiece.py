@@ -30,6 +30,20 @@ class AsciiWordPiece:
         self.unk_id = unk_id
         self.prefix = prefix
         self.max_chars = max_chars
+        # The longest entry beginning with each two characters, for word starts and for
+        # continuations: a match at `start` is at most that long, so the longest-first search
+        # begins there instead of at the end of the piece. Exact (any entry longer than one
+        # character shares its first two with the text it matches); on ids and numbers, where
+        # matches are short, it saves most of the lookups.
+        self._head: dict[str, int] = {}
+        self._tail: dict[str, int] = {}
+        for token in vocab:
+            table, text = (
+                (self._tail, token[len(prefix):]) if prefix and token.startswith(prefix)
+                else (self._head, token)
+            )
+            if text and len(text) > table.get(text[:2], 0):
+                table[text[:2]] = len(text)
 
     @classmethod
     def from_tokenizer_json(cls, path: Path) -> AsciiWordPiece | None:
@@ -61,12 +75,17 @@ class AsciiWordPiece:
         ids: list[int] = []
         vocab, prefix = self.vocab, self.prefix
         for piece in _PIECES.findall(word):
+            whole = vocab.get(piece)  # most words are one entry
+            if whole is not None:
+                ids.append(whole)
+                continue
             if len(piece) > self.max_chars:
                 ids.append(self.unk_id)
                 continue
-            start, found = 0, []
-            while start < len(piece):
-                end = len(piece)
+            start, found, size, longest = 0, [], len(piece), self._head
+            while start < size:
+                end = min(size, start + max(longest.get(piece[start:start + 2], 0), 1))
+                longest = self._tail
                 while end > start:
                     sub = piece[start:end] if start == 0 else prefix + piece[start:end]
                     token = vocab.get(sub)

@@ -44,7 +44,8 @@ def _words() -> list[str]:
     noise = ["".join(rng.choice(printable) for _ in range(rng.randint(1, 24))).lower()
              for _ in range(3000)]
     edge = ["a" * 100, "b" * 101, "x" * 250 + "-1", "##ing", "un##able", "[unk]", "[pipe-3-17]",
-            "kubernetes", "e.g.", "c++", "3.14159", "naïve", "日本", "tab\there", "\x07bell"]
+            "kubernetes", "e.g.", "c++", "3.14159", "naïve", "日本", "tab\there", "\x07bell",
+            "[lat-3f2a9c1b7d4e]", "0x7fffdeadbeef", "x" + "9" * 99]
     return [w for w in corpus + noise + edge if w and " " not in w]
 
 
