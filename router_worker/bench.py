@@ -641,7 +641,7 @@ async def run_bench(
     }
     if bootstrap:
         base["ROUTER_KAFKA_BOOTSTRAP"] = bootstrap
-    partitions = bench_partitions(partitions, base, workers)
+    partitions = bench_partitions(partitions, base, workers, soak=soak_seconds > 0)
     base["ROUTER_TOPIC_PARTITIONS"] = str(partitions)
     if partitions < workers:
         print(f"note: {workers} workers on {partitions} partition(s): "
@@ -775,9 +775,17 @@ async def run_bench(
     return result
 
 
-def bench_partitions(flag: int | None, env: dict[str, str], workers: int) -> int:
+# A soak's partitions when neither --partitions nor ROUTER_TOPIC_PARTITIONS says: the embedded
+# broker stalls once a partition holds ~10,000 record batches (at 75 req/s, one record a batch:
+# after ~150 s on one partition, ~500 s on four); on 16 a 10-minute soak ran to the end.
+SOAK_PARTITIONS = 16
+
+
+def bench_partitions(
+    flag: int | None, env: dict[str, str], workers: int, soak: bool = False
+) -> int:
     """Partitions of the bench topics: --partitions, else ROUTER_TOPIC_PARTITIONS, else one
-    per worker.
+    per worker (a soak: SOAK_PARTITIONS).
 
     Why one per worker by default: a partition is the unit a worker takes, so one worker
     needs only one, and every extra partition splits each produce into more, smaller record
@@ -790,7 +798,7 @@ def bench_partitions(flag: int | None, env: dict[str, str], workers: int) -> int
         return flag
     if env.get("ROUTER_TOPIC_PARTITIONS"):
         return int(env["ROUTER_TOPIC_PARTITIONS"])
-    return max(workers, 1)
+    return max(workers, SOAK_PARTITIONS if soak else 1)
 
 
 def _percentiles(latencies: list[float]) -> dict[str, float]:

@@ -46,7 +46,7 @@ import orjson
     type=click.IntRange(min=1),
     default=None,
     help="partitions of every bench topic [default: ROUTER_TOPIC_PARTITIONS when set, else "
-    "one per worker]",
+    "one per worker; 16 for a soak]",
 )
 @click.option(
     "--duration",
