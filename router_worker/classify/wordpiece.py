@@ -75,12 +75,12 @@ class AsciiWordPiece:
         ids: list[int] = []
         vocab, prefix = self.vocab, self.prefix
         for piece in _PIECES.findall(word):
+            if len(piece) > self.max_chars:  # unknown even if it were an entry, as in BERT
+                ids.append(self.unk_id)
+                continue
             whole = vocab.get(piece)  # most words are one entry
             if whole is not None:
                 ids.append(whole)
-                continue
-            if len(piece) > self.max_chars:
-                ids.append(self.unk_id)
                 continue
             start, found, size, longest = 0, [], len(piece), self._head
             while start < size:
