@@ -676,6 +676,7 @@ async def run_bench(
                                          warmup_s)
             latencies = latency.measured
             latency_cores = meter.stop()
+            timings = worker_timings(watcher.timings)
             soak_samples = (
                 await soak(lat.settings, prompts, rate, soak_seconds, watcher,
                            running.worker_pids)
@@ -747,7 +748,7 @@ async def run_bench(
         "warmup_latency_ms": _percentiles(latency.warmup) if latency.warmup else None,
         # Where the time went, from the decisions themselves: `queue` = publish -> the worker
         # starts the batch (broker and fetch wait), `total` = queue + enrich + classify.
-        "worker_timings_ms": worker_timings(watcher.timings),
+        "worker_timings_ms": timings,
         "offered_rate": rate,
         "latency_requests": len(latencies),
         "engine": engine,

@@ -42,6 +42,9 @@ def test_bench_prints_the_documented_json_keys(stack_env: dict[str, str], tmp_pa
     assert result["warmup_s"] == 1.0  # 100 more requests before the window, counted apart
     assert set(result["warmup_latency_ms"]) == {"p50", "p95", "p99"}
     assert result["latency_cpu_cores"]["workers"] > 0
+    # The latency run's decisions, not the throughput run's (which carry no "lat-" ids).
+    assert {"queue_p50", "enrich_p99", "classify_p50", "total_p99"} <= set(
+        result["worker_timings_ms"])
     assert result["rss_mb"] > 0
     assert result["pipeline_cpu_cores"]["workers"] > 0
     if bench_peer.available() is None:  # the `peers` extra is optional
