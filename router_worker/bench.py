@@ -51,6 +51,10 @@ def load_prompts(limit: int = 5000) -> list[str]:
 # Unique prompts defeat the decision cache, so every request pays for classification: the
 # benchmark reports the cost of new traffic, not of repeats (set ROUTER_BENCH_REPEAT=1 to reuse).
 UNIQUE_PROMPTS = os.environ.get("ROUTER_BENCH_REPEAT") != "1"
+# Request-id prefixes of the latency runs: the measured requests (the watcher keeps their
+# decisions' timings) and the warm-up before them.
+MEASURED_ID = "lat-"
+WARMUP_ID = "warm-"
 
 
 def _prompt(prompts: list[str], index: int, rid: str) -> str:
@@ -76,7 +80,7 @@ class OutputWatcher:
     arrivals: dict[str, float] = field(default_factory=dict)
     # request_id -> the decision's own timings_ms, for requests whose id starts with `timed`
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
-    timed: str = "lat-"
+    timed: str = MEASURED_ID
     _task: asyncio.Task[None] | None = None
     _consumer: AIOKafkaConsumer | None = None
 
@@ -390,7 +394,7 @@ async def offered_load(
             due = min(total, int((time.monotonic() - start) * rate) + 1)
             futures = []
             while i < due:
-                rid = f"{'warm' if i < warm else 'lat'}-{uuid.uuid4().hex[:12]}"
+                rid = f"{WARMUP_ID if i < warm else MEASURED_ID}{uuid.uuid4().hex[:12]}"
                 body = {
                     "request_id": rid,
                     "tenant_id": "bench",
@@ -415,7 +419,7 @@ async def offered_load(
     out = Latencies([])
     for r, t in sent.items():
         if r in watcher.arrivals:
-            (out.warmup if r.startswith("warm") else out.measured).append(
+            (out.warmup if r.startswith(WARMUP_ID) else out.measured).append(
                 (watcher.arrivals[r] - t) * 1000
             )
     return out
