@@ -230,18 +230,16 @@ class Enricher:
     ) -> None:
         await self.stop()
 
-    async def warm(self, connections: int) -> bool:
+    async def warm(self, connections: int) -> None:
         """Open `connections` pooled connections and compile the Lua scripts, so the first
-        batches do not pay for them. False when Redis is
-        unavailable: the worker starts anyway and routes degraded."""
+        batches do not pay for them. With Redis unavailable it logs and returns: the worker
+        starts anyway and routes degraded."""
         try:
             await asyncio.gather(*(self._client.ping() for _ in range(max(connections, 1))))
             for script in (HEALTH_SCRIPT, BUCKET_SCRIPT, SET_MANY_SCRIPT):
                 await self._client.script_load(script)
         except (RedisError, OSError) as exc:
             log.warning("redis_unavailable", error=type(exc).__name__, detail=str(exc)[:200])
-            return False
-        return True
 
     async def stop(self) -> None:
         """Finish queued write-backs, then close the connection pool."""
