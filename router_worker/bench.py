@@ -224,11 +224,7 @@ async def quix_passthrough(settings: Settings, n: int, timeout: float, log_path:
                                f"in {timeout:.0f} s (log: {log_path})")
         return watcher.rate()
     finally:
-        peer.terminate()
-        try:
-            peer.wait(30)
-        except subprocess.TimeoutExpired:
-            peer.kill()
+        stop_processes([peer])
         await watcher.stop()
 
 
@@ -522,10 +518,19 @@ class Workers:
             await _wait_ready(port, proc, 120)
 
     def stop(self) -> None:
-        for child in self.procs:
-            child.terminate()
-        for child in self.procs:
-            child.wait(30)
+        stop_processes(self.procs)
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], grace_s: float = 30) -> None:
+    """SIGTERM every process, then wait for each; one still running after `grace_s` is killed."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def start_workers(
