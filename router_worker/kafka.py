@@ -81,6 +81,12 @@ class Fetched:
     records: list[Any]
     offsets: dict[TopicPartition, int]
 
+    def then(self, later: Fetched | None) -> Fetched:
+        """This fetch followed by a later one of the same consumer, as one batch."""
+        if later is None:
+            return self
+        return Fetched(self.records + later.records, {**self.offsets, **later.offsets})
+
 
 async def fetch_or_warn(
     consumer: AIOKafkaConsumer, timeout_ms: int, max_records: int, event: str

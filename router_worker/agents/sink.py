@@ -14,6 +14,7 @@ from mode import Service
 from router_worker import topics
 from router_worker.errors import DependencyUnavailable, RowsRejected
 from router_worker.kafka import (
+    Fetched,
     commit_or_warn,
     fetch_or_warn,
     group_consumer_options,
@@ -100,16 +101,35 @@ class SinkAgent(Service):
     async def _run(self) -> None:
         assert self.consumer is not None
         consumer = self.consumer
-        timeout_ms = int(self.settings.sink_max_wait_ms)
         while not self.should_stop:
-            fetched = await fetch_or_warn(
-                consumer, timeout_ms, self.settings.sink_max_batch, "sink_fetch_failed"
-            )
+            fetched = await self._next_batch(consumer)
             if fetched is None:
                 continue
             await self._write_until_durable(fetched.records)
             await commit_or_warn(consumer, fetched.offsets, "sink_commit_failed")
             self._observe_lag(consumer, fetched.offsets)
+
+    async def _next_batch(self, consumer: AIOKafkaConsumer) -> Fetched | None:
+        """The first records that come, and what else arrives within `sink_max_wait_ms`.
+
+        Why fill: on Kafka and Redpanda a fetch returns as soon as events arrive, so under a
+        trickle every fetch brought a handful, and each handful cost a Postgres transaction
+        and a commit (at 1,000 req/s about 200 of each a second). While the sink waits, the
+        client holds at most one fetched response per partition and asks the broker for
+        nothing more, so a batch costs about two fetches, one write and one commit. A full
+        batch (a backlog) is written at once; rows land at most `sink_max_wait_ms` later.
+        (The embedded broker answers a waiting fetch only when its wait expires, so there
+        the sink batched by the window already.)
+        """
+        wait_ms = int(self.settings.sink_max_wait_ms)
+        size = self.settings.sink_max_batch
+        first = await fetch_or_warn(consumer, wait_ms, size, "sink_fetch_failed")
+        if first is None or len(first.records) >= size:
+            return first
+        await asyncio.sleep(wait_ms / 1000)
+        return first.then(
+            await fetch_or_warn(consumer, 0, size - len(first.records), "sink_fetch_failed")
+        )
 
     async def _write_until_durable(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         rows = rows_from_records(records, self.status_of)

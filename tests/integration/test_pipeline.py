@@ -196,3 +196,39 @@ async def test_foreign_record_postgres_rejects_is_skipped_and_the_rest_still_lan
     assert count == 50, worker.tail()
     rows = await _rows(isolated)
     assert "foreign-1" not in {r["request_id"] for r in rows}
+
+
+async def test_sink_fills_a_batch_from_a_trickle_within_its_wait(
+    isolated: dict[str, str],
+) -> None:
+    """Under a trickle the sink keeps filling a batch for `sink_max_wait_ms` after its first
+    events arrive (two fetches merged into one write and one commit): 30 events produced
+    10 ms apart become a few writes, and every one of them becomes exactly one row. (On the
+    embedded broker a fetch waits out its expiry anyway, so the bound holds without the fill
+    too; on Kafka, without it, every fetch would be a write.)"""
+    from router_worker.agents.sink import SinkAgent
+    from router_worker.metrics import create_metrics
+
+    settings = settings_from({**isolated, "ROUTER_SINK_MAX_WAIT_MS": "250"})
+    metrics = create_metrics()
+    sink = SinkAgent(settings, metrics)
+    producer = AIOKafkaProducer(**{**producer_options(settings), "linger_ms": 0})
+    await producer.start()
+    await sink.start()
+    try:
+        for i in range(30):
+            event = {"request_id": f"trickle-{i}", "tenant_id": "t", "decision": {"model": "m"},
+                     "created_at": "2026-01-01T00:00:00Z", "decided_at": "2026-01-01T00:00:01Z"}
+            await producer.send_and_wait(settings.topic(topics.COMPLETED), orjson.dumps(event),
+                                         key=f"trickle-{i}".encode())
+            await asyncio.sleep(0.01)
+        count = await wait_rows(settings.database_url.get_secret_value(),
+                                settings.database_schema, 30)
+    finally:
+        await sink.stop()
+        await producer.stop()
+    assert count == 30
+    writes = metrics.registry.get_sample_value("router_batch_size_count", {"agent": "sink"})
+    # ~0.4 s of events over 0.25 s windows: 2-4 writes (a write per event would be 30).
+    assert writes is not None
+    assert writes <= 8, writes

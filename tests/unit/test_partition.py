@@ -25,3 +25,17 @@ def test_key_partition_matches_the_default_partitioner() -> None:
         for _ in range(2_000):
             key = f"req-{rng.getrandbits(64):x}".encode()
             assert key_partition(key, partitions) == partitioner(key, partitions, partitions)
+
+
+def test_two_fetches_merge_into_one_batch_with_the_later_offsets() -> None:
+    from aiokafka import TopicPartition
+
+    from router_worker.kafka import Fetched
+
+    a, b = TopicPartition("t", 0), TopicPartition("t", 1)
+    first = Fetched(["r1", "r2"], {a: 2})
+    later = Fetched(["r3", "r4"], {a: 3, b: 1})
+    merged = first.then(later)
+    assert merged.records == ["r1", "r2", "r3", "r4"]
+    assert merged.offsets == {a: 3, b: 1}
+    assert first.then(None) is first
