@@ -273,7 +273,7 @@ class RouteAgent(Service):
         previous: asyncio.Future[None] | None,
     ) -> None:
         """Route, produce and commit one batch. Up to `route_concurrency` batches route at
-        once (one waits on Redis or the classifier thread while another decides), but each
+        once (one waits on Redis, or on vLLM's thread, while another decides), but each
         commits only after the batch fetched before it: offsets never run ahead of output."""
         assert self.runtime is not None
         assert self._produce is not None

@@ -583,6 +583,12 @@ class CpuEngine:
         """The artifact version stamped on decisions."""
         return self._version
 
+    @property
+    def releases_gil(self) -> bool:
+        """With the encoder second stage much of a batch's time is torch, which runs without
+        the GIL; the numpy fast stage alone holds it (see `Cascade`)."""
+        return self.second_stage is not None
+
     def probabilities(self, texts: Sequence[str]) -> tuple[F64, F64]:
         """Category and complexity probabilities of the fast stage.
 

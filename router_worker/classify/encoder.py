@@ -96,6 +96,8 @@ class EncoderEngine:
         name: str = "encoder",
     ) -> None:
         self.name = name
+        # torch and vLLM compute without the GIL: the cascade runs this engine in a thread.
+        self.releases_gil = True
         self._embed = embed
         self.head = head
         self.categories = tuple(categories)

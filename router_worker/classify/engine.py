@@ -22,7 +22,12 @@ class Prediction:
 
 @runtime_checkable
 class Engine(Protocol):
-    """A classifier backend. `classify` is batch in, batch out, same order, same length."""
+    """A classifier backend. `classify` is batch in, batch out, same order, same length.
+
+    An engine whose work releases the GIL for long stretches (torch, vLLM) may say so with a
+    true `releases_gil` attribute: the cascade then classifies in a thread, so the event loop
+    runs meanwhile. Without it the engine runs on the event loop (see `Cascade`).
+    """
 
     name: str
 

@@ -17,8 +17,9 @@ class ThreadRecorder:
 
     version = "test-1"
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, releases_gil: bool = False) -> None:
         self.name = name
+        self.releases_gil = releases_gil
         self.threads: list[str] = []
 
     def classify(self, texts: list[str]) -> list[Prediction]:
@@ -41,10 +42,18 @@ def test_small_batches_classify_on_the_loop_and_large_ones_in_a_thread() -> None
     assert engine.threads[1] != threading.main_thread().name
 
 
-def test_a_gpu_engine_always_runs_in_a_thread() -> None:
-    engine = ThreadRecorder("vllm")
+def test_an_engine_that_releases_the_gil_always_runs_in_a_thread() -> None:
+    engine = ThreadRecorder("vllm", releases_gil=True)
     cascade = _cascade(engine, inline_max=64)
     result = asyncio.run(cascade.classify(["fix my python bug"]))
     assert len(engine.threads) == 1
     assert engine.threads[0] != threading.main_thread().name
     assert [p.category for p in result.predictions] == ["code"]
+
+
+def test_with_default_settings_a_full_batch_of_a_gil_holding_engine_stays_on_the_loop() -> None:
+    engine = ThreadRecorder("cpu")
+    settings = Settings()
+    cascade = _cascade(engine, inline_max=settings.classify_inline_max)
+    asyncio.run(cascade.classify(["fix my python bug"] * settings.max_batch))
+    assert engine.threads == [threading.main_thread().name]
