@@ -71,3 +71,19 @@ def test_the_shipped_lexicon_covers_every_category_in_many_languages() -> None:
     }
     assert LEXICON.concepts("übersetzen") or LEXICON.concepts("übersetzung")
     assert LEXICON.concepts("요약해")
+
+
+def test_unspaced_terms_are_those_a_longest_first_alternation_finds() -> None:
+    """`inside_terms` finds what a regex alternation of the terms, longest first, finds."""
+    import random
+    import re
+
+    terms = sorted(LEX._inside, key=len, reverse=True)
+    alternation = re.compile("|".join(map(re.escape, terms)))
+    rng = random.Random(5)
+    filler = "的是了我你他们一二三四的。、日本語ですかนะครับ"
+    for _ in range(3000):
+        parts = [rng.choice(terms) if rng.random() < 0.5 else rng.choice(filler)
+                 for _ in range(rng.randrange(1, 12))]
+        text = "".join(parts)
+        assert LEX.inside_terms(text) == alternation.findall(text), text
