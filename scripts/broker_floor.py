@@ -8,8 +8,13 @@ per record the more records a topic holds, so its latency at a steady rate grows
 `--preload N` first writes N records to an unrelated topic, to show that other topics' data
 does not matter.
 
+`--fetch-cost N` measures why instead: it stores N one-record batches in a partition, in
+three steps, and after each step reads the partition's last record 300 times; the broker's
+CPU per fetch grows with the batches the partition holds.
+
 Usage:
     python scripts/broker_floor.py --rate 1000 --seconds 20 [--preload 40000] [--out F.json]
+    python scripts/broker_floor.py --fetch-cost 9000
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from router_worker.bench import bare_hop, cpu_seconds, percentile
@@ -40,6 +45,42 @@ async def _create(bootstrap: str, names: list[str], partitions: int) -> None:
         await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
     finally:
         await admin.close()
+
+
+async def fetch_cost(batches: int, fetches: int = 300) -> dict[str, Any]:
+    """Broker CPU and wall time per fetch of a partition's tail as the partition fills."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        stack = EmbeddedStack(Path(run_dir), kafka=True, redis=False, postgres=False)
+        bootstrap = (await stack.start()).env()["ROUTER_KAFKA_BOOTSTRAP"]
+        broker_pid = stack.pids["kafka"]
+        await _create(bootstrap, ["c"], 1)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+        reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=5,
+                                  enable_auto_commit=False)
+        await asyncio.gather(producer.start(), reader.start())
+        tp = TopicPartition("c", 0)
+        reader.assign([tp])
+        steps: list[dict[str, float]] = []
+        try:
+            for step in range(1, 4):
+                for _ in range(batches // 3):
+                    await producer.send_and_wait("c", _PAYLOAD)  # one batch each
+                stored = step * (batches // 3)
+                cpu_before, start = cpu_seconds(broker_pid), time.monotonic()
+                for _ in range(fetches):
+                    reader.seek(tp, stored - 1)
+                    await reader.getmany(tp, timeout_ms=1000)
+                steps.append({
+                    "batches_in_partition": stored,
+                    "broker_cpu_ms_per_fetch": round(
+                        (cpu_seconds(broker_pid) - cpu_before) / fetches * 1000, 3),
+                    "fetch_ms": round((time.monotonic() - start) / fetches * 1000, 3),
+                })
+                print(json.dumps(steps[-1]), file=sys.stderr, flush=True)
+        finally:
+            await asyncio.gather(producer.stop(), reader.stop())
+            await stack.stop()
+    return {"date": date.today().isoformat(), "fetches_per_step": fetches, "steps": steps}
 
 
 async def measure(
@@ -145,10 +186,15 @@ def main() -> None:
     parser.add_argument("--preload", type=int, default=0, help="records first written elsewhere")
     parser.add_argument("--every", type=float, default=2.0, help="seconds per sample")
     parser.add_argument("--fetch-wait-ms", type=int, default=10)
+    parser.add_argument("--fetch-cost", type=int, default=0, metavar="N",
+                        help="instead: broker CPU per fetch with up to N batches stored")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    result = asyncio.run(measure(args.rate, args.seconds, args.partitions, args.preload,
+    result = (
+        asyncio.run(fetch_cost(args.fetch_cost)) if args.fetch_cost > 0
+        else asyncio.run(measure(args.rate, args.seconds, args.partitions, args.preload,
                                  args.every, args.fetch_wait_ms))
+    )
     text = json.dumps(result, indent=2)
     if args.out is not None:
         args.out.write_text(text + "\n")
