@@ -29,6 +29,8 @@ log = structlog.get_logger(__name__)
 
 _BACKOFF_START_S = 0.2
 _BACKOFF_MAX_S = 5.0
+# A fetch that brought fewer than 1/_FILL_BELOW of a full batch is a trickle worth filling.
+_FILL_BELOW = 10
 
 
 def rows_from_records(
@@ -116,15 +118,18 @@ class SinkAgent(Service):
         trickle every fetch brought a handful, and each handful cost a Postgres transaction
         and a commit (at 1,000 req/s about 200 of each a second). While the sink waits, the
         client holds at most one fetched response per partition and asks the broker for
-        nothing more, so a batch costs about two fetches, one write and one commit. A full
-        batch (a backlog) is written at once; rows land at most `sink_max_wait_ms` later.
-        (The embedded broker answers a waiting fetch only when its wait expires, so there
-        the sink batched by the window already.)
+        nothing more, so a batch costs about two fetches, one write and one commit. Rows land
+        at most `sink_max_wait_ms` later. A fetch of a tenth of a batch or more, or one
+        behind a partition's end (a backlog), is written at once: waiting there would only
+        slow the catch-up. (The embedded broker answers a waiting fetch only when its wait
+        expires, so there the sink batched by the window already; draining 40,000 requests
+        there, the last rows landed up to one wait later, -3% on `sink_rows_per_s`.)
         """
         wait_ms = int(self.settings.sink_max_wait_ms)
         size = self.settings.sink_max_batch
         first = await fetch_or_warn(consumer, wait_ms, size, "sink_fetch_failed")
-        if first is None or len(first.records) >= size:
+        if (first is None or len(first.records) * _FILL_BELOW >= size
+                or any(partition_lag(consumer, first.offsets).values())):
             return first
         await asyncio.sleep(wait_ms / 1000)
         return first.then(

@@ -15,7 +15,6 @@ from router_worker.config import Thresholds
 log = structlog.get_logger(__name__)
 
 
-
 @dataclass
 class CascadeResult:
     """Predictions in input order, and what was unavailable."""
