@@ -232,3 +232,43 @@ async def test_sink_fills_a_batch_from_a_trickle_within_its_wait(
     # ~0.4 s of events over 0.25 s windows: 2-4 writes (a write per event would be 30).
     assert writes is not None
     assert writes <= 8, writes
+
+
+async def test_a_stopping_sink_writes_and_commits_the_batch_in_hand(
+    isolated: dict[str, str],
+) -> None:
+    """Stopped in the middle of a trickle (graceful shutdown), the sink finishes the batch it
+    fetched: every event it wrote is committed and nothing committed is unwritten, so a
+    restarted sink reads nothing twice."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from router_worker.agents.sink import SinkAgent
+    from router_worker.metrics import create_metrics
+
+    settings = settings_from({**isolated, "ROUTER_SINK_MAX_WAIT_MS": "250"})
+    sink = SinkAgent(settings, create_metrics())
+    producer = AIOKafkaProducer(**{**producer_options(settings), "linger_ms": 0})
+    await producer.start()
+    await sink.start()
+    try:
+        for i in range(30):
+            event = {"request_id": f"stop-{i}", "tenant_id": "t", "decision": {"model": "m"},
+                     "created_at": "2026-01-01T00:00:00Z", "decided_at": "2026-01-01T00:00:01Z"}
+            await producer.send_and_wait(settings.topic(topics.COMPLETED), orjson.dumps(event),
+                                         key=f"stop-{i}".encode())
+            await asyncio.sleep(0.01)
+    finally:
+        await sink.stop()
+        await producer.stop()
+    rows = await _rows(isolated)
+    reader = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                              group_id=settings.sink_group, enable_auto_commit=False)
+    await reader.start()
+    try:
+        topic = settings.topic(topics.COMPLETED)
+        partitions = sorted(reader.partitions_for_topic(topic) or ())
+        committed = [await reader.committed(TopicPartition(topic, p)) for p in partitions]
+    finally:
+        await reader.stop()
+    assert rows, "the sink wrote nothing before it stopped"
+    assert sum(c or 0 for c in committed) == len(rows), (committed, len(rows))
