@@ -38,8 +38,7 @@ class Cascade:
         # against a thread, alternating: cpu engine 8,927 against 7,656 req/s (three runs
         # each, no overlap), keyword 15,358 against 14,533 (five each, overlapping).
         # Engines that release the GIL (vLLM, torch's encoder stage) always get a thread.
-        threaded = engine is not None and bool(getattr(engine, "releases_gil", False))
-        self.inline_max = 0 if threaded else inline_max
+        self.inline_max = inline_max
         # what never loaded (e.g. ["classifier"]); reported on every decision until it does
         self.unavailable = list(unavailable or [])
         self.keyword = keyword
@@ -51,9 +50,10 @@ class Cascade:
         return self.engine.version if self.engine is not None else self.keyword.version
 
     async def _call(
-        self, fn: Callable[[list[str]], list[Prediction]], texts: list[str]
+        self, fn: Callable[[list[str]], list[Prediction]], texts: list[str],
+        releases_gil: bool = False,
     ) -> list[Prediction]:
-        if len(texts) <= self.inline_max:
+        if len(texts) <= self.inline_max and not releases_gil:
             return fn(texts)
         return await asyncio.to_thread(fn, texts)
 
@@ -65,7 +65,11 @@ class Cascade:
             return CascadeResult(await self._call(self.keyword.classify, texts),
                                  self.unavailable)
         try:
-            predictions = await self._call(self.engine.classify, texts)
+            # Asked per call: a hot reload may swap in an engine with or without the encoder
+            # stage, and with it whether the work releases the GIL.
+            predictions = await self._call(
+                self.engine.classify, texts, bool(getattr(self.engine, "releases_gil", False))
+            )
         except Exception as exc:  # any engine fault must degrade, never stop routing
             log.error("engine_failed", engine=self.engine.name, error=repr(exc)[:300])
             return CascadeResult(await self._call(self.keyword.classify, texts),

@@ -57,3 +57,11 @@ def test_with_default_settings_a_full_batch_of_a_gil_holding_engine_stays_on_the
     cascade = _cascade(engine, inline_max=settings.classify_inline_max)
     asyncio.run(cascade.classify(["fix my python bug"] * settings.max_batch))
     assert engine.threads == [threading.main_thread().name]
+
+
+def test_an_engine_swapped_in_by_a_reload_gets_a_thread_when_it_releases_the_gil() -> None:
+    cascade = _cascade(ThreadRecorder("cpu"), inline_max=64)
+    swapped = ThreadRecorder("cpu", releases_gil=True)  # e.g. an artifact with the encoder stage
+    cascade.engine = swapped
+    asyncio.run(cascade.classify(["fix my python bug"]))
+    assert swapped.threads[0] != threading.main_thread().name
