@@ -9,12 +9,14 @@ from pathlib import Path
 import asyncpg
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from router_worker import topics
+from router_worker.agents.sink import SinkAgent
 from router_worker.config import load_config
 from router_worker.kafka import producer_options
-from router_worker.settings import DEFAULT_CONFIG
+from router_worker.metrics import Metrics, create_metrics
+from router_worker.settings import DEFAULT_CONFIG, Settings
 from tests.conftest import settings_from
 from tests.integration.workers import WorkerProcess, wait_rows
 
@@ -198,6 +200,33 @@ async def test_foreign_record_postgres_rejects_is_skipped_and_the_rest_still_lan
     assert "foreign-1" not in {r["request_id"] for r in rows}
 
 
+
+async def _trickle_into_a_sink(
+    settings: Settings, metrics: Metrics, prefix: str, wait_for_rows: bool
+) -> int | None:
+    """Run a SinkAgent while 30 completed events arrive 10 ms apart; stop it afterwards
+    (once every row is in, with `wait_for_rows`, else at once). Returns the row count waited
+    for, or None."""
+    sink = SinkAgent(settings, metrics)
+    producer = AIOKafkaProducer(**{**producer_options(settings), "linger_ms": 0})
+    await producer.start()
+    await sink.start()
+    try:
+        for i in range(30):
+            event = {"request_id": f"{prefix}-{i}", "tenant_id": "t", "decision": {"model": "m"},
+                     "created_at": "2026-01-01T00:00:00Z", "decided_at": "2026-01-01T00:00:01Z"}
+            await producer.send_and_wait(settings.topic(topics.COMPLETED), orjson.dumps(event),
+                                         key=f"{prefix}-{i}".encode())
+            await asyncio.sleep(0.01)
+        if not wait_for_rows:
+            return None
+        return await wait_rows(settings.database_url.get_secret_value(),
+                               settings.database_schema, 30)
+    finally:
+        await sink.stop()
+        await producer.stop()
+
+
 async def test_sink_fills_a_batch_from_a_trickle_within_its_wait(
     isolated: dict[str, str],
 ) -> None:
@@ -206,27 +235,9 @@ async def test_sink_fills_a_batch_from_a_trickle_within_its_wait(
     10 ms apart become a few writes, and every one of them becomes exactly one row. (On the
     embedded broker a fetch waits out its expiry anyway, so the bound holds without the fill
     too; on Kafka, without it, every fetch would be a write.)"""
-    from router_worker.agents.sink import SinkAgent
-    from router_worker.metrics import create_metrics
-
-    settings = settings_from({**isolated, "ROUTER_SINK_MAX_WAIT_MS": "250"})
     metrics = create_metrics()
-    sink = SinkAgent(settings, metrics)
-    producer = AIOKafkaProducer(**{**producer_options(settings), "linger_ms": 0})
-    await producer.start()
-    await sink.start()
-    try:
-        for i in range(30):
-            event = {"request_id": f"trickle-{i}", "tenant_id": "t", "decision": {"model": "m"},
-                     "created_at": "2026-01-01T00:00:00Z", "decided_at": "2026-01-01T00:00:01Z"}
-            await producer.send_and_wait(settings.topic(topics.COMPLETED), orjson.dumps(event),
-                                         key=f"trickle-{i}".encode())
-            await asyncio.sleep(0.01)
-        count = await wait_rows(settings.database_url.get_secret_value(),
-                                settings.database_schema, 30)
-    finally:
-        await sink.stop()
-        await producer.stop()
+    settings = settings_from({**isolated, "ROUTER_SINK_MAX_WAIT_MS": "250"})
+    count = await _trickle_into_a_sink(settings, metrics, "trickle", wait_for_rows=True)
     assert count == 30
     writes = metrics.registry.get_sample_value("router_batch_size_count", {"agent": "sink"})
     # ~0.4 s of events over 0.25 s windows: 2-4 writes (a write per event would be 30).
@@ -240,26 +251,8 @@ async def test_a_stopping_sink_writes_and_commits_the_batch_in_hand(
     """Stopped in the middle of a trickle (graceful shutdown), the sink finishes the batch it
     fetched: every event it wrote is committed and nothing committed is unwritten, so a
     restarted sink reads nothing twice."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    from router_worker.agents.sink import SinkAgent
-    from router_worker.metrics import create_metrics
-
     settings = settings_from({**isolated, "ROUTER_SINK_MAX_WAIT_MS": "250"})
-    sink = SinkAgent(settings, create_metrics())
-    producer = AIOKafkaProducer(**{**producer_options(settings), "linger_ms": 0})
-    await producer.start()
-    await sink.start()
-    try:
-        for i in range(30):
-            event = {"request_id": f"stop-{i}", "tenant_id": "t", "decision": {"model": "m"},
-                     "created_at": "2026-01-01T00:00:00Z", "decided_at": "2026-01-01T00:00:01Z"}
-            await producer.send_and_wait(settings.topic(topics.COMPLETED), orjson.dumps(event),
-                                         key=f"stop-{i}".encode())
-            await asyncio.sleep(0.01)
-    finally:
-        await sink.stop()
-        await producer.stop()
+    await _trickle_into_a_sink(settings, create_metrics(), "stop", wait_for_rows=False)
     rows = await _rows(isolated)
     reader = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
                               group_id=settings.sink_group, enable_auto_commit=False)
