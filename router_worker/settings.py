@@ -93,9 +93,10 @@ class Settings(BaseSettings):
         description="longest a fetch waits for records; a batch is what came, up to max_batch",
     )
     classify_inline_max: int = Field(
-        4096, ge=0, description="batches up to this size classify on the event loop instead of "
+        512, ge=0, description="batches up to this size classify on the event loop instead of "
         "a thread (cpu and keyword engines; vllm and the encoder stage always use a thread): "
-        "they hold the GIL anyway, and a thread hand-off costs up to the 5 ms switch interval"
+        "they hold the GIL anyway, and a thread hand-off costs up to the 5 ms switch interval; "
+        "larger batches go to a thread so the loop never stalls much longer than ~30 ms"
     )
     max_prompt_bytes: int = Field(65536, ge=1, description="prompt text above this is too_large")
     engine: EngineName = Field("cpu", description="classifier engine: keyword, cpu or vllm")

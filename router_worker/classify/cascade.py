@@ -38,6 +38,9 @@ class Cascade:
         # against a thread, alternating: cpu engine 8,927 against 7,656 req/s (three runs
         # each, no overlap), keyword 15,358 against 14,533 (five each, overlapping).
         # Engines that release the GIL (vLLM, torch's encoder stage) always get a thread.
+        # The bound (512 by default, the default batch) keeps the stall short: at ~60 us a
+        # prompt a batch holds the loop ~30 ms, while a Redis reply due meanwhile must not
+        # run into its 250 ms socket timeout.
         self.inline_max = inline_max
         # what never loaded (e.g. ["classifier"]); reported on every decision until it does
         self.unavailable = list(unavailable or [])
