@@ -122,9 +122,14 @@ async def commit_or_warn(
 
 def partition_lag(consumer: Any, positions: Mapping[Any, int]) -> dict[tuple[str, int], int]:
     """Records between each partition's position and its end, from the highwater the consumer
-    learnt on its last fetch (no broker request); partitions not fetched yet are left out."""
+    learnt on its last fetch (no broker request); partitions not fetched yet are left out, and
+    so are partitions a rebalance took away since (aiokafka asserts on their highwater: a sink
+    that fetched before a rebalance and looked after it crashed the worker)."""
     lag: dict[tuple[str, int], int] = {}
+    owned = consumer.assignment()
     for tp, position in positions.items():
+        if tp not in owned:
+            continue
         high = consumer.highwater(tp)
         if high is not None:
             lag[(tp.topic, tp.partition)] = max(int(high) - int(position), 0)

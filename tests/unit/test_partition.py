@@ -39,3 +39,22 @@ def test_two_fetches_merge_into_one_batch_with_the_later_offsets() -> None:
     assert merged.records == ["r1", "r2", "r3", "r4"]
     assert merged.offsets == {a: 3, b: 1}
     assert first.then(None) is first
+
+
+def test_lag_leaves_out_partitions_a_rebalance_took_away() -> None:
+    from aiokafka import TopicPartition
+
+    from router_worker.kafka import partition_lag
+
+    kept, taken, unfetched = (TopicPartition("t", p) for p in range(3))
+
+    class Consumer:  # aiokafka's contract: highwater() asserts the partition is assigned
+        def assignment(self) -> set[TopicPartition]:
+            return {kept, unfetched}
+
+        def highwater(self, tp: TopicPartition) -> int | None:
+            assert tp in self.assignment(), "Partition is not assigned"
+            return 10 if tp == kept else None
+
+    lag = partition_lag(Consumer(), {kept: 4, taken: 2, unfetched: 0})
+    assert lag == {("t", 0): 6}
