@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -367,8 +368,8 @@ class Enricher:
         try:
             replies = iter((await execution)[written:])
         except (RedisError, OSError) as exc:
-            self._skip_until = time.monotonic() + _RETRY_AFTER_S
             log.warning("redis_unavailable", error=type(exc).__name__, detail=str(exc)[:200])
+            await self._unavailable()
             return self._defaults(requests, ["redis"])
         tenants = {t: _parse_tenant(next(replies), config.tenant(t), t) for t in tenant_ids}
         unhealthy, probes = _parse_health(next(replies), config.health.enabled)
@@ -397,10 +398,23 @@ class Enricher:
         try:
             await pipe.execute()
         except (RedisError, OSError) as exc:
-            self._skip_until = time.monotonic() + _RETRY_AFTER_S
             log.warning("redis_unavailable", error=type(exc).__name__)
+            await self._unavailable()
             return False
         return True
+
+    async def _unavailable(self) -> None:
+        """After a failed round trip: skip Redis for `_RETRY_AFTER_S`, and close the idle
+        pooled connections.
+
+        Why close them: a connection that sat idle through an outage still looks open, but the
+        server that knew it is gone. The first batch to draw it after Redis is back failed
+        ("Connection closed by server") and skipped Redis for another second: ~140 degraded
+        decisions after recovery at 300 req/s. Closed, it reconnects on its next use.
+        """
+        self._skip_until = time.monotonic() + _RETRY_AFTER_S
+        with contextlib.suppress(Exception):  # closing a socket to a dead server may fail too
+            await self._client.connection_pool.disconnect(inuse_connections=False)
 
     def _queue_writes(self, pipe: Any, writes: WriteBack) -> None:
         keys = self.keys

@@ -356,6 +356,36 @@ async def decisions_by_time(settings: Settings, expected: set[str]) -> list[tupl
     return sorted(found)
 
 
+
+async def test_after_a_redis_restart_no_pooled_connection_is_stale(
+    isolated: dict[str, str], workdir: Path,
+) -> None:
+    """A pooled connection that sat idle through an outage must not fail the first batch that
+    draws it after Redis is back (it did: "Connection closed by server", then another second
+    of degraded decisions)."""
+    from router_worker.config import load_config
+    from router_worker.enrich import Enricher
+    from router_worker.events import RoutingRequested
+
+    settings = settings_from(isolated)
+    async with dedicated(workdir / "redis", "redis") as stack:
+        url = stack.urls.redis_url
+        assert url is not None
+        enricher = Enricher(url, settings.redis_prefix, load_config(settings.config))
+        requests = [RoutingRequested(request_id="stale-1", tenant_id="t", prompt="hello")]
+        try:
+            await enricher.warm(2)  # two pooled connections, as the route agent keeps
+            await stack.stop()
+            assert "redis" in (await enricher.enrich(requests)).degraded
+            await restart_on_port(stack, port_of(url))
+            await asyncio.sleep(1.1)  # past the enricher's pause after a failure
+            # Four at once draw every pooled connection, the idle one included.
+            results = await asyncio.gather(*(enricher.enrich(requests) for _ in range(4)))
+        finally:
+            await enricher.stop()
+    assert [r.degraded for r in results] == [[], [], [], []]
+
+
 # --- 8. no secrets or prompt text in logs ---------------------------------------------------
 
 
