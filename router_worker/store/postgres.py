@@ -39,6 +39,12 @@ def _insert_sql() -> str:
 INSERT_SQL = _insert_sql()
 # Content errors (a foreign record with a non-numeric confidence, say): retrying cannot help.
 _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# Postgres unreachable, restarting or shutting down: retry with backoff. InternalClientError
+# belongs here too: a connection lost mid-statement can leave asyncpg's protocol in a state
+# it refuses ("cannot switch to state 11; another operation (2) is in progress", seen while
+# the server was shutting down), and uncaught it crashed the sink and with it the worker.
+_UNAVAILABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                asyncpg.InternalClientError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +101,7 @@ class EventWriter:
                 self._dsn, min_size=1, max_size=2, timeout=10,
                 server_settings={"search_path": quote_ident(self._schema)},
             )
-        except (OSError, asyncpg.PostgresError) as exc:
+        except _UNAVAILABLE as exc:
             raise DependencyUnavailable(f"cannot connect to Postgres: {exc}") from exc
 
     async def stop(self) -> None:
@@ -134,6 +140,6 @@ class EventWriter:
             status = await self._pool.execute(sql, *columns)
         except _DATA_ERRORS as exc:
             raise RowsRejected(f"Postgres rejected the rows: {exc}") from exc
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except _UNAVAILABLE as exc:
             raise DependencyUnavailable(f"Postgres write failed: {exc}") from exc
         return int(status.rsplit(" ", 1)[-1])
