@@ -225,6 +225,7 @@ async def _trickle_into_a_sink(
     finally:
         await sink.stop()
         await producer.stop()
+        assert sink.crash_reason is None, repr(sink.crash_reason)
 
 
 async def test_sink_fills_a_batch_from_a_trickle_within_its_wait(
