@@ -302,7 +302,4 @@ class RouteAgent(Service):
         A partition appears once this worker has committed on it."""
         if self.consumer is None:
             return {}
-        owned = self.consumer.assignment()
-        return partition_lag(
-            self.consumer, {tp: n for tp, n in self.committed.items() if tp in owned}
-        )
+        return partition_lag(self.consumer, self.committed)  # leaves out revoked partitions
