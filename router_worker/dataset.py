@@ -24,11 +24,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from router_worker import topics
 from router_worker.classify.data import normalise
-from router_worker.errors import DependencyUnavailable
 from router_worker.events import RoutingRequested
 from router_worker.kafka import consumer_options
 from router_worker.settings import Settings
-from router_worker.store.migrate import quote_ident
+from router_worker.store.connect import connect
 
 # Labelled rows first: a human's label beats the classifier's own confident guess.
 _EXPORT_SQL = """
@@ -133,12 +132,7 @@ async def _read_prompts(settings: Settings, wanted: set[str], idle_s: float) -> 
 
 async def _rows(settings: Settings, since: datetime | None,
                 min_confidence: float) -> list[asyncpg.Record]:
-    try:
-        conn = await asyncpg.connect(
-            settings.database_url.get_secret_value(), timeout=10,
-            server_settings={"search_path": quote_ident(settings.database_schema)})
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise DependencyUnavailable(f"cannot connect to Postgres: {exc}") from exc
+    conn = await connect(settings.database_url.get_secret_value(), settings.database_schema)
     try:
         return list(await conn.fetch(_EXPORT_SQL, since, min_confidence))
     finally:

@@ -26,11 +26,11 @@ from router_worker.classify.cascade import Cascade
 from router_worker.classify.engine import Engine
 from router_worker.classify.keyword import keyword_engine_from_config
 from router_worker.config import load_config
-from router_worker.errors import ConfigError, DependencyUnavailable
+from router_worker.errors import ConfigError
 from router_worker.kafka import consumer_options
 from router_worker.metrics import create_metrics
 from router_worker.settings import Settings
-from router_worker.store.migrate import quote_ident
+from router_worker.store.connect import connect
 from router_worker.validate import Inbound
 
 log = structlog.get_logger(__name__)
@@ -296,11 +296,7 @@ class RecordedLookup:
 
     async def start(self) -> None:
         """Connect with the router's schema on the search path."""
-        try:
-            self._conn = await asyncpg.connect(
-                self._dsn, timeout=10, server_settings={"search_path": quote_ident(self._schema)})
-        except (OSError, asyncpg.PostgresError) as exc:
-            raise DependencyUnavailable(f"cannot connect to Postgres: {exc}") from exc
+        self._conn = await connect(self._dsn, self._schema)
 
     async def fetch(self, request_ids: list[str]) -> dict[str, Recorded]:
         """Recorded decisions by request_id (missing ids are simply absent)."""

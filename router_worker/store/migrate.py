@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 import structlog
 
-from router_worker.errors import DependencyUnavailable
+from router_worker.store.connect import connect, quote_ident
 
 log = structlog.get_logger(__name__)
 
@@ -35,17 +35,12 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
-def quote_ident(name: str) -> str:
-    """Quote a schema name for SQL (identifiers cannot be bind parameters)."""
-    return '"' + name.replace('"', '""') + '"'
+__all__ = ["drop_schema", "load_migrations", "migrate", "quote_ident"]
 
 
-async def connect(dsn: str, schema: str) -> asyncpg.Connection:
-    """A connection whose search_path is the router's schema."""
-    try:
-        conn: asyncpg.Connection = await asyncpg.connect(dsn, timeout=10)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise DependencyUnavailable(f"cannot connect to Postgres: {exc}") from exc
+async def _connect_creating(dsn: str, schema: str) -> asyncpg.Connection:
+    """A connection whose search_path is the router's schema, created if missing."""
+    conn = await connect(dsn)
     await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
     await conn.execute(f"SET search_path TO {quote_ident(schema)}")
     return conn
@@ -53,7 +48,7 @@ async def connect(dsn: str, schema: str) -> asyncpg.Connection:
 
 async def drop_schema(dsn: str, schema: str) -> None:
     """Drop `schema` and everything in it (a benchmark or test run's own schema)."""
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn)
     try:
         await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema)} CASCADE")
     finally:
@@ -62,7 +57,7 @@ async def drop_schema(dsn: str, schema: str) -> None:
 
 async def migrate(dsn: str, schema: str) -> list[str]:
     """Apply pending migrations; returns the versions applied now (empty when up to date)."""
-    conn = await connect(dsn, schema)
+    conn = await _connect_creating(dsn, schema)
     applied_now: list[str] = []
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)

@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 
 from router_worker.errors import DependencyUnavailable, RowsRejected
-from router_worker.store.migrate import quote_ident
+from router_worker.store.connect import UNAVAILABLE, create_pool
 from router_worker.store.outcomes import UPSERT_SQL
 
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -39,12 +39,6 @@ def _insert_sql() -> str:
 INSERT_SQL = _insert_sql()
 # Content errors (a foreign record with a non-numeric confidence, say): retrying cannot help.
 _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
-# Postgres unreachable, restarting or shutting down: retry with backoff. InternalClientError
-# belongs here too: a connection lost mid-statement can leave asyncpg's protocol in a state
-# it refuses ("cannot switch to state 11; another operation (2) is in progress", seen while
-# the server was shutting down), and uncaught it crashed the sink and with it the worker.
-_UNAVAILABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                asyncpg.InternalClientError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,13 +90,7 @@ class EventWriter:
 
     async def start(self) -> None:
         """Open the pool (search_path set to the router's schema)."""
-        try:
-            self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=2, timeout=10,
-                server_settings={"search_path": quote_ident(self._schema)},
-            )
-        except _UNAVAILABLE as exc:
-            raise DependencyUnavailable(f"cannot connect to Postgres: {exc}") from exc
+        self._pool = await create_pool(self._dsn, self._schema, min_size=1, max_size=2)
 
     async def stop(self) -> None:
         """Close the pool."""
@@ -140,6 +128,6 @@ class EventWriter:
             status = await self._pool.execute(sql, *columns)
         except _DATA_ERRORS as exc:
             raise RowsRejected(f"Postgres rejected the rows: {exc}") from exc
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:  # an outage: the sink retries with backoff
             raise DependencyUnavailable(f"Postgres write failed: {exc}") from exc
         return int(status.rsplit(" ", 1)[-1])
