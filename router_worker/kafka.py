@@ -179,4 +179,6 @@ def murmur2(data: bytes) -> int:
 
 def key_partition(key: bytes, partitions: Sequence[int]) -> int:
     """The partition Kafka's default partitioner gives a keyed record (`partitions` sorted)."""
+    if len(partitions) == 1:  # the hash (pure Python, ~1 us a key) cannot change the answer
+        return partitions[0]
     return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
