@@ -1,7 +1,9 @@
-"""The Postgres side of the sink: events -> rows -> one idempotent batched INSERT."""
+"""The Postgres side of the sink: events -> rows -> binary COPY -> one idempotent INSERT."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -27,18 +29,36 @@ _CASTS = {"degraded": "string_to_array({}, ',')", "decision": "{}::jsonb",
           "timings_ms": "{}::jsonb"}
 
 
+# Each pooled connection COPYs a batch into its own temporary table, then moves it into
+# routing_events with one INSERT ... SELECT. Why not the unnest() of one array per column that
+# this replaced: asyncpg encodes arrays element by element with Python-level type checks, which
+# cost the sink ~15 us a row; the binary COPY encodes a row in ~4 us, and Postgres spends about
+# the same on either (measured on 40,000 rows in batches of 1,000). The table lives as long as
+# the connection and is emptied at every commit; it holds the raw column types, and the casts
+# to text[] and jsonb happen in the INSERT, as before.
+STAGING = "routing_events_staging"
+NAMES: tuple[str, ...] = tuple(name for name, _ in COLUMNS)
+CREATE_STAGING_SQL = (
+    f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING} ("
+    + ", ".join(f"{name} {kind}" for name, kind in COLUMNS) + ") ON COMMIT DELETE ROWS"
+)
+
+
 def _insert_sql() -> str:
-    names = ", ".join(name for name, _ in COLUMNS)
-    unnest = ", ".join(f"${i}::{kind}[]" for i, (_, kind) in enumerate(COLUMNS, start=1))
-    select = ", ".join(_CASTS.get(name, "{}").format(f"u.{name}") for name, _ in COLUMNS)
+    names = ", ".join(NAMES)
+    select = ", ".join(_CASTS.get(name, "{}").format(name) for name in NAMES)
     # ON CONFLICT makes redelivered events (at-least-once) land exactly once.
     return (f"INSERT INTO routing_events ({names}) SELECT {select} "
-            f"FROM unnest({unnest}) AS u({names}) ON CONFLICT (request_id) DO NOTHING")
+            f"FROM {STAGING} ON CONFLICT (request_id) DO NOTHING")
 
 
 INSERT_SQL = _insert_sql()
 # Content errors (a foreign record with a non-numeric confidence, say): retrying cannot help.
 _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# The same kind of content error, found by asyncpg while it encodes a COPY row (a string for a
+# float8 column, an int beyond int4): raised as plain Python errors, where the query
+# arguments it checks would have raised DataError.
+_ENCODING_ERRORS = (TypeError, ValueError, OverflowError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +110,8 @@ class EventWriter:
 
     async def start(self) -> None:
         """Open the pool (search_path set to the router's schema)."""
-        self._pool = await create_pool(self._dsn, self._schema, min_size=1, max_size=2)
+        self._pool = await create_pool(self._dsn, self._schema, min_size=1, max_size=2,
+                                       init=_create_staging)
 
     async def stop(self) -> None:
         """Close the pool."""
@@ -108,8 +129,14 @@ class EventWriter:
         # Within one batch a redelivered duplicate would make ON CONFLICT fail ("cannot affect
         # row a second time"), so keep the first occurrence of each request_id.
         unique = list({row[0]: row for row in reversed(rows)}.values())
-        columns = [list(col) for col in zip(*unique, strict=True)]
-        return await self._execute(INSERT_SQL, columns)
+        with _classified():
+            async with self._pool.acquire() as conn, conn.transaction():
+                try:
+                    await conn.copy_records_to_table(STAGING, records=unique, columns=NAMES)
+                except _ENCODING_ERRORS as exc:
+                    raise RowsRejected(f"a value does not fit its column: {exc}") from exc
+                status = await conn.execute(INSERT_SQL)
+        return _count(status)
 
     async def write_outcomes(self, rows: list[tuple[Any, ...]]) -> int:
         """Upsert `routing_outcomes` rows (one per request_id). Returns rows written."""
@@ -124,10 +151,27 @@ class EventWriter:
 
     async def _execute(self, sql: str, columns: list[list[Any]]) -> int:
         assert self._pool is not None
-        try:
+        with _classified():
             status = await self._pool.execute(sql, *columns)
-        except _DATA_ERRORS as exc:
-            raise RowsRejected(f"Postgres rejected the rows: {exc}") from exc
-        except UNAVAILABLE as exc:  # an outage: the sink retries with backoff
-            raise DependencyUnavailable(f"Postgres write failed: {exc}") from exc
-        return int(status.rsplit(" ", 1)[-1])
+        return _count(status)
+
+
+async def _create_staging(conn: asyncpg.Connection) -> None:
+    """Pool `init`: every new connection gets its staging table."""
+    await conn.execute(CREATE_STAGING_SQL)
+
+
+@contextmanager
+def _classified() -> Iterator[None]:
+    """Postgres failures as the sink acts on them: rows to skip, or an outage to wait out."""
+    try:
+        yield
+    except _DATA_ERRORS as exc:
+        raise RowsRejected(f"Postgres rejected the rows: {exc}") from exc
+    except UNAVAILABLE as exc:  # an outage: the sink retries with backoff
+        raise DependencyUnavailable(f"Postgres write failed: {exc}") from exc
+
+
+def _count(status: str) -> int:
+    """Rows a command touched, from its status ("INSERT 0 12")."""
+    return int(status.rsplit(" ", 1)[-1])

@@ -169,7 +169,7 @@ SQL_WORDS = ("SELECT ", "INSERT ", "UPDATE ", "DELETE ", "CREATE ", "DROP ", "AL
 # f-string parts that are identifiers or SQL built from constants, never values
 SAFE_CALLS = {"quote_ident"}
 SAFE_NAMES = {"names", "select", "unnest", "updates", "i", "kind", "name", "table", "column",
-              "columns", "placeholders", "schema_sql", "target"}
+              "columns", "placeholders", "schema_sql", "target", "STAGING"}
 
 
 def _sql_fstrings() -> list[tuple[str, int, str]]:
