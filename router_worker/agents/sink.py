@@ -23,7 +23,7 @@ from router_worker.kafka import (
 from router_worker.metrics import Metrics
 from router_worker.settings import Settings
 from router_worker.store.outcomes import outcome_row
-from router_worker.store.postgres import EventWriter, Source, row_from_event
+from router_worker.store.postgres import EventWriter, Source, may_hold_nul, row_from_event
 
 log = structlog.get_logger(__name__)
 
@@ -41,10 +41,12 @@ def rows_from_records(
     for record in records:
         if record.topic not in status_of:
             continue
+        value = record.value or b""
         try:
-            event = orjson.loads(record.value or b"")
+            event = orjson.loads(value)
             rows.append(row_from_event(status_of[record.topic], event,
-                                       Source(record.topic, record.partition, record.offset)))
+                                       Source(record.topic, record.partition, record.offset),
+                                       may_hold_nul=may_hold_nul(value)))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             log.error("sink_record_malformed", topic=record.topic, partition=record.partition,
                       offset=record.offset, error=repr(exc)[:200])

@@ -80,11 +80,17 @@ def _pg_text(value: Any) -> Any:
     return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
 
 
-def row_from_event(status: str, event: dict[str, Any], source: Source) -> tuple[Any, ...]:
-    """One `routing_events` row from a completed or failed event (already parsed JSON)."""
+def row_from_event(
+    status: str, event: dict[str, Any], source: Source, *, may_hold_nul: bool = True,
+) -> tuple[Any, ...]:
+    """One `routing_events` row from a completed or failed event (already parsed JSON).
+
+    `may_hold_nul=False` says no string in the event holds NUL (see `may_hold_nul`), which
+    spares the check of every field.
+    """
     decision = event.get("decision") or {}
     completed = status == "completed"
-    return tuple(_pg_text(value) for value in (
+    row = (
         str(event["request_id"]), status, event.get("tenant_id"),
         decision.get("model"), decision.get("provider"), decision.get("policy"),
         decision.get("category"), decision.get("complexity"), decision.get("confidence"),
@@ -97,7 +103,14 @@ def row_from_event(status: str, event: dict[str, Any], source: Source) -> tuple[
         _ts(event.get("decided_at" if completed else "failed_at")),
         source.topic, source.partition, source.offset,
         event.get("prompt") if completed else None,
-    ))
+    )
+    return tuple(_pg_text(value) for value in row) if may_hold_nul else row
+
+
+def may_hold_nul(raw_json: bytes) -> bool:
+    """Whether any string in this JSON text can hold NUL: JSON must escape it as \\u0000, so
+    text without that sequence cannot (with it, maybe: an escaped backslash looks alike)."""
+    return b"\\u0000" in raw_json
 
 
 class EventWriter:
