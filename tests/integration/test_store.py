@@ -89,3 +89,19 @@ async def test_a_row_that_fits_no_column_is_skipped_and_counted_the_rest_land(
     assert await _request_ids(dsn, schema) == ["good-1", "good-2", "good-3"]
     assert metrics.sink_rows.labels("rejected")._value.get() == 1
     assert metrics.sink_rows.labels("completed")._value.get() == 3
+
+
+async def test_routing_events_keeps_only_the_indexes_a_query_uses(
+    isolated: dict[str, str],
+) -> None:
+    settings = settings_from(isolated)
+    conn = await connect(settings.database_url.get_secret_value(), settings.database_schema)
+    try:
+        indexes = {r["indexname"]: r["indexdef"] for r in await conn.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1 "
+            "AND tablename = 'routing_events'", settings.database_schema)}
+    finally:
+        await conn.close()
+    assert set(indexes) == {"routing_events_pkey", "routing_events_tenant_created_idx",
+                            "routing_events_decided_idx", "routing_events_failed_idx"}
+    assert "WHERE (status = 'failed'::text)" in indexes["routing_events_failed_idx"]
