@@ -143,13 +143,14 @@ class EventWriter:
         # row a second time"), so keep the first occurrence of each request_id.
         unique = list({row[0]: row for row in reversed(rows)}.values())
         with _classified():
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with self._pool.acquire() as conn:
                 try:
-                    await conn.copy_records_to_table(STAGING, records=unique, columns=NAMES)
-                except _ENCODING_ERRORS as exc:
-                    raise RowsRejected(f"a value does not fit its column: {exc}") from exc
-                status = await conn.execute(INSERT_SQL)
-        return _count(status)
+                    return await _copy_insert(conn, unique)
+                except asyncpg.UndefinedTableError:
+                    # The connection lost its staging table (DISCARD ALL, or a pooler that
+                    # hands each transaction to another server connection): make it again,
+                    # in the same transaction as the rows it is for.
+                    return await _copy_insert(conn, unique, create=True)
 
     async def write_outcomes(self, rows: list[tuple[Any, ...]]) -> int:
         """Upsert `routing_outcomes` rows (one per request_id). Returns rows written."""
@@ -167,6 +168,21 @@ class EventWriter:
         with _classified():
             status = await self._pool.execute(sql, *columns)
         return _count(status)
+
+
+async def _copy_insert(
+    conn: asyncpg.Connection, rows: list[tuple[Any, ...]], *, create: bool = False,
+) -> int:
+    """COPY `rows` into the staging table and move them into routing_events, in one
+    transaction; returns the rows inserted."""
+    async with conn.transaction():
+        if create:
+            await conn.execute(CREATE_STAGING_SQL)
+        try:
+            await conn.copy_records_to_table(STAGING, records=rows, columns=NAMES)
+        except _ENCODING_ERRORS as exc:
+            raise RowsRejected(f"a value does not fit its column: {exc}") from exc
+        return _count(await conn.execute(INSERT_SQL))
 
 
 async def _create_staging(conn: asyncpg.Connection) -> None:

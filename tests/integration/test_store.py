@@ -105,3 +105,20 @@ async def test_routing_events_keeps_only_the_indexes_a_query_uses(
     assert set(indexes) == {"routing_events_pkey", "routing_events_tenant_created_idx",
                             "routing_events_decided_idx", "routing_events_failed_idx"}
     assert "WHERE (status = 'failed'::text)" in indexes["routing_events_failed_idx"]
+
+
+async def test_a_connection_that_lost_its_staging_table_makes_it_again(
+    isolated: dict[str, str],
+) -> None:
+    settings = settings_from(isolated)
+    dsn, schema = settings.database_url.get_secret_value(), settings.database_schema
+    writer = EventWriter(dsn, schema)
+    try:
+        await writer.start()
+        assert writer._pool is not None
+        await writer._pool.execute("DISCARD ALL")  # drops the connection's temporary tables
+        row = row_from_event("completed", _completed("after-discard"), Source("t", 0, 1))
+        assert await writer.write([row]) == 1
+    finally:
+        await writer.stop()
+    assert await _request_ids(dsn, schema) == ["after-discard"]
