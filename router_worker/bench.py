@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -25,7 +24,8 @@ from router_worker.embedded import EmbeddedStack, free_port, resolve_stack
 from router_worker.enrich import drop_keys
 from router_worker.kafka import consumer_options, group_consumer_options, producer_options
 from router_worker.settings import Settings
-from router_worker.store.migrate import drop_schema, migrate, quote_ident
+from router_worker.store.connect import connect
+from router_worker.store.migrate import drop_schema, migrate
 
 CORPUS = Path("data") / "prompts"
 FALLBACK_PROMPTS = [
@@ -481,11 +481,9 @@ def plot_latencies(latencies: list[float], path: Path, title: str) -> None:
 
 
 async def count_rows(dsn: str, schema: str) -> int:
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn, schema)
     try:
-        return int(
-            await conn.fetchval(f"SELECT count(*) FROM {quote_ident(schema)}.routing_events")
-        )
+        return int(await conn.fetchval("SELECT count(*) FROM routing_events"))
     finally:
         await conn.close()
 

@@ -35,9 +35,6 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
-__all__ = ["drop_schema", "load_migrations", "migrate", "quote_ident"]
-
-
 async def _connect_creating(dsn: str, schema: str) -> asyncpg.Connection:
     """A connection whose search_path is the router's schema, created if missing."""
     conn = await connect(dsn)

@@ -25,7 +25,8 @@ from router_worker.commands.admin import apply_topics
 from router_worker.embedded import EmbeddedStack
 from router_worker.kafka import consumer_options, producer_options
 from router_worker.settings import Settings
-from router_worker.store.migrate import migrate, quote_ident
+from router_worker.store.connect import quote_ident
+from router_worker.store.migrate import migrate
 from tests.conftest import settings_from
 from tests.integration.workers import WorkerProcess
 
