@@ -72,7 +72,13 @@ class Lexicon:
                 elif len(words) <= MAX_PHRASE_WORDS:
                     phrases.setdefault(words, set()).add(index)
         self._stems = {stem: frozenset(ids) for stem, ids in stems.items()}
-        self._stem_lengths = tuple(sorted({len(stem) for stem in stems}))
+        # First two characters (the character, for one-character stems) -> lengths of the stems
+        # beginning with them: a word is looked up only at the lengths of stems it could start
+        # with, not at every stem length (~20 lookups a word, where ids and numbers match none).
+        heads: dict[str, set[int]] = {}
+        for stem in stems:
+            heads.setdefault(stem[:2], set()).add(len(stem))
+        self._stem_lengths = {two: tuple(sorted(n)) for two, n in heads.items()}
         self._inside = {term: frozenset(ids) for term, ids in inside.items()}
         # First character -> lengths of the terms starting with it, longest first.
         starts: dict[str, set[int]] = {}
@@ -97,12 +103,14 @@ class Lexicon:
     def concepts(self, word: str) -> tuple[int, ...]:
         """Sorted concept ids matched by one lower-cased, punctuation-stripped word."""
         found: set[int] = set()
-        for length in self._stem_lengths:
-            if length > len(word):
-                break
-            ids = self._stems.get(word[:length])
-            if ids:
-                found |= ids
+        stems = self._stems
+        for head in (word[:1], word[:2]) if len(word) > 1 else (word,):
+            for length in self._stem_lengths.get(head, ()):
+                if length > len(word):
+                    break
+                ids = stems.get(word[:length])
+                if ids:
+                    found |= ids
         if self._inside and _UNSPACED.search(word):
             for term in self.inside_terms(word):
                 found |= self._inside[term]

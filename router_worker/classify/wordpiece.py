@@ -20,6 +20,7 @@ from typing import Any
 # Alphanumeric runs and single punctuation characters: BertPreTokenizer's split of a
 # lower-cased, printable, whitespace-free ASCII word (every printable non-alnum is punctuation).
 _PIECES = re.compile(r"[a-z0-9]+|[^a-z0-9]")
+_ONE = (1,)  # the lengths to try where no longer entry begins with the next two characters
 
 
 class AsciiWordPiece:
@@ -30,20 +31,23 @@ class AsciiWordPiece:
         self.unk_id = unk_id
         self.prefix = prefix
         self.max_chars = max_chars
-        # The longest entry beginning with each two characters, for word starts and for
-        # continuations: a match at `start` is at most that long, so the longest-first search
-        # begins there instead of at the end of the piece. Exact (any entry longer than one
-        # character shares its first two with the text it matches); on ids and numbers, where
-        # matches are short, it saves most of the lookups.
-        self._head: dict[str, int] = {}
-        self._tail: dict[str, int] = {}
+        # The lengths of the entries beginning with each two characters, longest first, for word
+        # starts and for continuations: only those lengths can match at a position whose text
+        # begins with those two characters, so the longest-first search tries them and then a
+        # single character instead of every length down from the longest. Exact (an entry
+        # longer than one character shares its first two with the text it matches); on ids,
+        # hashes and numbers, where most lengths have no entry, it saves most of the lookups.
+        head: dict[str, set[int]] = {}
+        tail: dict[str, set[int]] = {}
         for token in vocab:
             table, text = (
-                (self._tail, token[len(prefix):]) if prefix and token.startswith(prefix)
-                else (self._head, token)
+                (tail, token[len(prefix):]) if prefix and token.startswith(prefix)
+                else (head, token)
             )
-            if text and len(text) > table.get(text[:2], 0):
-                table[text[:2]] = len(text)
+            if len(text) > 1:
+                table.setdefault(text[:2], set()).add(len(text))
+        self._head = {two: (*sorted(sizes, reverse=True), 1) for two, sizes in head.items()}
+        self._tail = {two: (*sorted(sizes, reverse=True), 1) for two, sizes in tail.items()}
 
     @classmethod
     def from_tokenizer_json(cls, path: Path) -> AsciiWordPiece | None:
@@ -82,21 +86,22 @@ class AsciiWordPiece:
             if whole is not None:
                 ids.append(whole)
                 continue
-            start, found, size, longest = 0, [], len(piece), self._head
+            start, found, size, lengths = 0, [], len(piece), self._head
             while start < size:
-                end = min(size, start + max(longest.get(piece[start:start + 2], 0), 1))
-                longest = self._tail
-                while end > start:
+                left = size - start
+                for length in lengths.get(piece[start:start + 2], _ONE):
+                    if length > left:
+                        continue
+                    end = start + length
                     sub = piece[start:end] if start == 0 else prefix + piece[start:end]
                     token = vocab.get(sub)
                     if token is not None:
                         found.append(token)
                         break
-                    end -= 1
                 else:  # no sub-word matched: the whole piece is unknown
                     found = [self.unk_id]
                     break
-                start = end
+                start, lengths = end, self._tail
             ids.extend(found)
         return ids
 
