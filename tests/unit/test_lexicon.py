@@ -32,6 +32,19 @@ def test_a_stem_matches_every_word_that_starts_with_it() -> None:
     assert LEX.concepts("apoema") == ()
 
 
+def test_stems_of_every_length_match_including_one_character_and_nested_ones() -> None:
+    lex = Lexicon({"a": ("시", "po", "poe", "poetry"), "b": ("poem",), "c": ("p",)})
+    a, b, c = (lex.names.index(n) for n in ("a", "b", "c"))
+    assert lex.concepts("시를") == (a,)
+    assert lex.concepts("시") == (a,)
+    assert lex.concepts("poetry") == (a, c)
+    assert lex.concepts("poems") == (a, b, c)
+    assert lex.concepts("p") == (c,)
+    assert lex.concepts("pa") == (c,)
+    assert lex.concepts("") == ()
+    assert lex.concepts("x7f3a9") == ()
+
+
 def test_unspaced_scripts_match_terms_anywhere_in_a_word() -> None:
     assert LEX.concepts("请把这段话翻译成英文") == (TRANSLATE,)
     assert LEX.concepts("秋の詩を書いて") == (POEM,)

@@ -43,10 +43,13 @@ def _words() -> list[str]:
     printable = string.printable[:95]  # letters, digits, punctuation, space
     noise = ["".join(rng.choice(printable) for _ in range(rng.randint(1, 24))).lower()
              for _ in range(3000)]
+    # Ids and hashes split into many short continuation pieces: the lookups the fast path skips.
+    ids = [f"[lat-{rng.getrandbits(48):012x}]" for _ in range(1000)]
+    ids += [f"{rng.getrandbits(128):032x}" for _ in range(1000)]
     edge = ["a" * 100, "b" * 101, "x" * 250 + "-1", "##ing", "un##able", "[unk]", "[pipe-3-17]",
             "kubernetes", "e.g.", "c++", "3.14159", "naïve", "日本", "tab\there", "\x07bell",
             "[lat-3f2a9c1b7d4e]", "0x7fffdeadbeef", "x" + "9" * 99]
-    return [w for w in corpus + noise + edge if w and " " not in w]
+    return [w for w in corpus + noise + ids + edge if w and " " not in w]
 
 
 @pytest.mark.parametrize("path", _tokenizer_files(), ids=lambda p: p.parent.name)
