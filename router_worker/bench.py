@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -605,6 +606,72 @@ class Phase:
         await drop_keys(self.settings.redis_url.get_secret_value(), self.settings.redis_prefix)
 
 
+@dataclass
+class ThroughputRound:
+    """One side-by-side pair of drains: bare passthrough, then the pipeline."""
+
+    passthrough_settings: Settings
+    passthrough_per_s: float
+    pipeline_per_s: float
+    cores: dict[str, float]
+    sink_rows_per_s: float
+    rss_mb: float
+
+    @property
+    def ratio(self) -> float:
+        if not self.passthrough_per_s:
+            return 0.0
+        return round(self.pipeline_per_s / self.passthrough_per_s, 3)
+
+    def summary(self) -> dict[str, float]:
+        return {"passthrough_per_s": self.passthrough_per_s,
+                "pipeline_per_s": self.pipeline_per_s, "ratio": self.ratio}
+
+
+def median_round(rounds: list[ThroughputRound]) -> ThroughputRound:
+    """The round whose ratio is the median (of an even number, the lower of the middle two)."""
+    ordered = sorted(rounds, key=lambda r: r.ratio)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+async def throughput_round(
+    base: dict[str, str], tag: str, index: int, prompts: list[str], requests: int, engine: str,
+    workers: int, separate_sink: bool, run_dir: Path, stack: EmbeddedStack, phases: list[Phase],
+) -> ThroughputRound:
+    """Drain `requests` through the bare hop, then through the workers, on fresh topics."""
+    suffix = str(index) if index else ""  # the first round keeps the historical topic names
+    s_pass = (await Phase.create(base, tag, f"p{suffix}")).settings
+    await preload(s_pass, prompts, requests, "pass")
+    passthrough_rate = await passthrough(s_pass, requests, timeout=300)
+    print(f"passthrough: {passthrough_rate:.0f} records/s", file=sys.stderr)
+
+    # The workers start on a preloaded backlog.
+    pipe = await Phase.create(base, tag, f"r{suffix}")
+    phases.append(pipe)
+    await migrate(pipe.dsn, pipe.tag)
+    await preload(pipe.settings, prompts, requests, "pipe")
+    watcher = await pipe.decisions()
+    running = start_workers(pipe.env, engine, workers, separate_sink, run_dir, pipe.tag)
+    try:
+        await wait_first_output(watcher, running, 180)
+        meter = phase_meter(running, stack)
+        meter.start()
+        done = await watcher.wait_for(requests, 600)
+        cores = meter.stop()
+        pipeline_rate = watcher.rate()
+        print(f"pipeline: {pipeline_rate:.0f} requests/s (complete={done})", file=sys.stderr)
+        first_out = min(watcher.arrivals.values(), default=time.monotonic())
+        while (await count_rows(pipe.dsn, pipe.tag) < requests
+               and time.monotonic() - first_out < 600):
+            await asyncio.sleep(0.05)
+        sink_rate = round(requests / max(time.monotonic() - first_out, 1e-6), 1)
+        rss = running.rss_mb()
+    finally:
+        running.stop()
+        await watcher.stop()
+    return ThroughputRound(s_pass, passthrough_rate, pipeline_rate, cores, sink_rate, rss)
+
+
 async def run_bench(
     requests: int,
     rate: float,
@@ -619,6 +686,7 @@ async def run_bench(
     peer: bool = True,
     partitions: int | None = None,
     warmup_s: float = 1.0,
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """The whole benchmark in one run; returns the JSON object.
 
@@ -633,7 +701,8 @@ async def run_bench(
       the default size) the pipeline's p99 at 1,000 req/s was 32-56 ms in four runs, when
       run first 26 and 34 ms.
     - Throughput: passthrough and pipeline both drain a backlog of `requests` published before
-      their consumers start, so neither competes with the load generator.
+      their consumers start, so neither competes with the load generator; `rounds` times in
+      turn, each pair on fresh topics.
     - Last, the peer reference: the same drain through Quix Streams (`peers` extra).
     """
     # ROUTER_* settings from the environment (fetch waits, batch sizes, ...) apply to the
@@ -695,36 +764,16 @@ async def run_bench(
             running.stop()
             await watcher.stop()
 
-        # 3. Throughput, bare hop.
-        s_pass = (await Phase.create(base, tag, "p")).settings
-        await preload(s_pass, prompts, requests, "pass")
-        passthrough_rate = await passthrough(s_pass, requests, timeout=300)
-        print(f"passthrough: {passthrough_rate:.0f} records/s", file=sys.stderr)
-
-        # 4. Throughput, pipeline: the workers start on a preloaded backlog.
-        pipe = await Phase.create(base, tag, "r")
-        phases.append(pipe)
-        await migrate(pipe.dsn, pipe.tag)
-        await preload(pipe.settings, prompts, requests, "pipe")
-        watcher = await pipe.decisions()
-        running = start_workers(pipe.env, engine, workers, separate_sink, run_dir, pipe.tag)
-        try:
-            await wait_first_output(watcher, running, 180)
-            meter = phase_meter(running, stack)
-            meter.start()
-            done = await watcher.wait_for(requests, 600)
-            pipeline_cores = meter.stop()
-            pipeline_rate = watcher.rate()
-            print(f"pipeline: {pipeline_rate:.0f} requests/s (complete={done})", file=sys.stderr)
-            first_out = min(watcher.arrivals.values(), default=time.monotonic())
-            while (await count_rows(pipe.dsn, pipe.tag) < requests
-                   and time.monotonic() - first_out < 600):
-                await asyncio.sleep(0.05)
-            sink_rate = round(requests / max(time.monotonic() - first_out, 1e-6), 1)
-            rss_throughput = running.rss_mb()
-        finally:
-            running.stop()
-            await watcher.stop()
+        # 3-4. Throughput, bare hop then pipeline, `rounds` times in turn: on a shared machine
+        # whose speed drifts, each ratio compares two drains run side by side.
+        measured: list[ThroughputRound] = []
+        for index in range(rounds):
+            measured.append(await throughput_round(
+                base, tag, index, prompts, requests, engine, workers, separate_sink, run_dir,
+                stack, phases,
+            ))
+        throughput = median_round(measured)
+        s_pass = throughput.passthrough_settings
 
         # 5. Throughput, the peer reference (when the `peers` extra is installed), last so
         # that nothing it leaves behind in the broker can touch the other phases.
@@ -741,9 +790,14 @@ async def run_bench(
             await phase.cleanup()
         await stack.stop()
     result: dict[str, Any] = {
-        "passthrough_per_s": passthrough_rate,
-        "pipeline_per_s": pipeline_rate,
-        "ratio": round(pipeline_rate / passthrough_rate, 3) if passthrough_rate else None,
+        # With --rounds N: medians over the rounds; `ratio` is the median of the rounds' own
+        # ratios, and the cores, sink rate and RSS below are the median-ratio round's.
+        "passthrough_per_s": round(statistics.median(r.passthrough_per_s for r in measured), 1),
+        "pipeline_per_s": round(statistics.median(r.pipeline_per_s for r in measured), 1),
+        "ratio": (round(statistics.median(r.ratio for r in measured), 3)
+                  if all(r.passthrough_per_s for r in measured) else None),
+        "rounds": rounds,
+        "throughput_rounds": [r.summary() for r in measured],
         # The same drain through Quix Streams (null without the `peers` extra).
         "quix_passthrough_per_s": quix_rate,
         "quix_streams_version": quix_version,
@@ -760,19 +814,19 @@ async def run_bench(
         "latency_requests": len(latencies),
         "engine": engine,
         "requests": requests,
-        "sink_rows_per_s": sink_rate,
+        "sink_rows_per_s": throughput.sink_rows_per_s,
         # Cores each process kept busy while the pipeline ran (`other`: Postgres, Redis, ...).
-        "pipeline_cpu_cores": pipeline_cores,
+        "pipeline_cpu_cores": throughput.cores,
         # The same during the latency run: how busy the machine was at the offered rate.
         "latency_cpu_cores": latency_cores,
         "sink": "separate process" if separate_sink else "in the worker process",
         "workers": workers,
         "partitions": partitions,
         "unique_prompts": UNIQUE_PROMPTS,
-        "rss_mb": max(rss_throughput, rss_start, rss_end),
+        "rss_mb": max(max(r.rss_mb for r in measured), rss_start, rss_end),
         "rss_mb_start": rss_start,
         "rss_mb_end": rss_end,
-        "rss_mb_after_throughput": rss_throughput,
+        "rss_mb_after_throughput": throughput.rss_mb,
         "cpu_count": os.cpu_count(),
     }
     if soak_seconds > 0:

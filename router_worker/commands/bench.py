@@ -67,6 +67,14 @@ import orjson
     show_default=True,
     help="also drain the backlog through Quix Streams when the peers extra is installed",
 )
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="throughput drains (passthrough, then pipeline) repeated in turn; the JSON reports "
+    "medians and every round (throughput_rounds)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
 @click.option(
     "--out",
@@ -88,6 +96,7 @@ def bench_command(
     plot: Path | None,
     peer: bool,
     run_dir: Path,
+    rounds: int,
     as_json: bool,
     out: Path | None,
 ) -> None:
@@ -110,6 +119,7 @@ def bench_command(
             peer,
             partitions,
             warmup_s,
+            rounds,
         )
     )
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()

@@ -23,6 +23,7 @@ def test_bench_prints_the_documented_json_keys(stack_env: dict[str, str], tmp_pa
         sys.executable, "-m", "router_worker", "bench", "--requests", "3000", "--rate", "100",
         "--latency-seconds", "2", "--engine", "keyword", "--json", "--partitions", "2",
         "--bootstrap", stack_env["ROUTER_KAFKA_BOOTSTRAP"], "--run-dir", str(tmp_path),
+        "--rounds", "2",
     ]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, timeout=300,
                           check=False)
@@ -47,6 +48,14 @@ def test_bench_prints_the_documented_json_keys(stack_env: dict[str, str], tmp_pa
         result["worker_timings_ms"])
     assert result["rss_mb"] > 0
     assert result["pipeline_cpu_cores"]["workers"] > 0
+    # Two side-by-side pairs of drains; the headline figures are their medians.
+    rounds = result["throughput_rounds"]
+    assert result["rounds"] == len(rounds) == 2
+    for pair in rounds:
+        assert pair["ratio"] == round(pair["pipeline_per_s"] / pair["passthrough_per_s"], 3)
+    assert result["ratio"] == pytest.approx(sum(p["ratio"] for p in rounds) / 2, abs=1e-3)
+    assert result["pipeline_per_s"] == pytest.approx(
+        sum(p["pipeline_per_s"] for p in rounds) / 2, abs=0.1)
     if bench_peer.available() is None:  # the `peers` extra is optional
         assert result["quix_passthrough_per_s"] is None
     else:
