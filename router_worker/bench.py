@@ -768,6 +768,8 @@ async def run_bench(
         # whose speed drifts, each ratio compares two drains run side by side.
         measured: list[ThroughputRound] = []
         for index in range(rounds):
+            if rounds > 1:
+                print(f"throughput round {index + 1}/{rounds}", file=sys.stderr)
             measured.append(await throughput_round(
                 base, tag, index, prompts, requests, engine, workers, separate_sink, run_dir,
                 stack, phases,
