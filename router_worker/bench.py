@@ -481,10 +481,17 @@ def plot_latencies(latencies: list[float], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-async def count_rows(dsn: str, schema: str) -> int:
+async def wait_for_rows(dsn: str, schema: str, n: int, deadline: float) -> None:
+    """Until `schema`'s routing_events holds `n` rows or `deadline` (monotonic) passes.
+
+    One connection polls: a connection per poll would start a Postgres backend 20 times a
+    second, CPU taken from the sink it is timing (scripts/sink_drain.py found the same).
+    """
     conn = await connect(dsn, schema)
     try:
-        return int(await conn.fetchval("SELECT count(*) FROM routing_events"))
+        while (int(await conn.fetchval("SELECT count(*) FROM routing_events")) < n
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
     finally:
         await conn.close()
 
@@ -610,7 +617,6 @@ class Phase:
 class ThroughputRound:
     """One side-by-side pair of drains: bare passthrough, then the pipeline."""
 
-    passthrough_settings: Settings
     passthrough_per_s: float
     pipeline_per_s: float
     cores: dict[str, float]
@@ -661,15 +667,13 @@ async def throughput_round(
         pipeline_rate = watcher.rate()
         print(f"pipeline: {pipeline_rate:.0f} requests/s (complete={done})", file=sys.stderr)
         first_out = min(watcher.arrivals.values(), default=time.monotonic())
-        while (await count_rows(pipe.dsn, pipe.tag) < requests
-               and time.monotonic() - first_out < 600):
-            await asyncio.sleep(0.05)
+        await wait_for_rows(pipe.dsn, pipe.tag, requests, first_out + 600)
         sink_rate = round(requests / max(time.monotonic() - first_out, 1e-6), 1)
         rss = running.rss_mb()
     finally:
         running.stop()
         await watcher.stop()
-    return ThroughputRound(s_pass, passthrough_rate, pipeline_rate, cores, sink_rate, rss)
+    return ThroughputRound(passthrough_rate, pipeline_rate, cores, sink_rate, rss)
 
 
 async def run_bench(
@@ -775,14 +779,13 @@ async def run_bench(
                 stack, phases,
             ))
         throughput = median_round(measured)
-        s_pass = throughput.passthrough_settings
 
         # 5. Throughput, the peer reference (when the `peers` extra is installed), last so
         # that nothing it leaves behind in the broker can touch the other phases.
         # It connects in plaintext: skipped against a broker that needs TLS or SASL.
         quix_version = bench_peer.available() if peer else None
         quix_rate: float | None = None
-        if quix_version is not None and s_pass.kafka_security_protocol == "PLAINTEXT":
+        if quix_version is not None and s_floor.kafka_security_protocol == "PLAINTEXT":
             s_quix = (await Phase.create(base, tag, "x")).settings
             await preload(s_quix, prompts, requests, "quix")
             quix_rate = await quix_passthrough(s_quix, requests, 300, run_dir / "bench-quix.log")
