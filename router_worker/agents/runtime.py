@@ -102,7 +102,8 @@ class RouteRuntime:
         router = Router(settings, config, cascade, enricher, metrics)
         metrics.classifier_info.labels(engine.name if engine else "keyword", cascade.version).set(1)
         log.info("route_agent_started", engine=engine.name if engine else "keyword",
-                 classifier_version=cascade.version, config_version=config.version)
+                 classifier_version=cascade.version, config_version=config.version,
+                 keyword_scan="compiled" if keyword.native else "regex")
         runtime = cls(router, enricher, watcher, degraded)
         await runtime.warm(settings.route_concurrency)
         settle_heap()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from array import array
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from rapidfuzz import fuzz, process
@@ -14,6 +15,14 @@ from router_worker.classify.engine import Prediction
 from router_worker.config import RoutingConfig, load_config
 from router_worker.events import CATEGORIES, Tier
 from router_worker.settings import Settings
+
+if TYPE_CHECKING:
+    from router_worker.classify._keyword_scan import Trie
+
+try:  # built from _keyword_scan.c where the install found a C compiler (see setup.py)
+    from router_worker.classify import _keyword_scan as _native
+except ImportError:  # pragma: no cover - exercised only on installs without a compiler
+    _native = None  # type: ignore[assignment]
 
 # Matching cost grows with text length; intent is almost always stated early.
 _MAX_CHARS = 1500
@@ -29,6 +38,15 @@ _COMPLEX_WORDS = re.compile(
     r"\b(?=[acdeimoprst])(step[- ]by[- ]step|in detail|detailed|comprehensive|compare|design|"
     r"architect\w*|prove|derive|analy[sz]e|trade-?offs?|optimi[sz]e|multi-?step|production|"
     r"scalab\w*|thorough|essay|report|plan)\b",
+)
+# The cues above as literals for the compiled scan, a trailing "*" standing for the regex's
+# `\w*`. The regex stays the reference: tests check both count the same on every text.
+_CUE_LITERALS = (
+    *(f"step{a}by{b}step" for a in "- " for b in "- "),
+    "in detail", "detailed", "comprehensive", "compare", "design", "architect*", "prove",
+    "derive", "analyse", "analyze", *(f"trade{h}off{s}" for h in ("-", "") for s in ("s", "")),
+    "optimise", "optimize", "multi-step", "multistep", "production", "scalab*", "thorough",
+    "essay", "report", "plan",
 )
 _STRUCTURE = re.compile(r"```|^\s*(?:\d+[.)]|[-*])\s", re.MULTILINE)
 _LIST_START = re.compile(r"\s*(?:\d+[.)]|[-*])\s")
@@ -63,35 +81,88 @@ def phrase_pattern(phrases: Sequence[str]) -> str:
     return emit(trie)
 
 
+def flatten_trie(literals: Sequence[tuple[str, bool]]) -> tuple[bytes, bytes]:
+    """A trie of `literals` in the layout the compiled scan loads (see _keyword_scan.c).
+
+    Literal i gets id i; a true flag lets it take the word characters after it (`\\w*`).
+    Returns the node table (first edge, edge count, id or -1, tail flag per node; the root
+    first) and the edge table (code point, child per edge; sorted within each node).
+    """
+    children: list[dict[str, int]] = [{}]
+    ends = [(-1, 0)]
+    for index, (literal, tail) in enumerate(literals):
+        node = 0
+        for char in literal:
+            if char not in children[node]:
+                children[node][char] = len(children)
+                children.append({})
+                ends.append((-1, 0))
+            node = children[node][char]
+        if ends[node][0] < 0:  # a repeated literal keeps its first id
+            ends[node] = (index, int(tail))
+    nodes, edges = array("i"), array("i")
+    for node, branches in enumerate(children):
+        nodes.extend((len(edges) // 2, len(branches), *ends[node]))
+        for char in sorted(branches):
+            edges.extend((ord(char), branches[char]))
+    if nodes.itemsize != 4:  # pragma: no cover - C int is 32 bits wherever CPython builds
+        raise RuntimeError("the compiled keyword scan needs 32-bit C ints")
+    return nodes.tobytes(), edges.tobytes()
+
+
+class TextScan(NamedTuple):
+    """What the keyword tier reads from one prompt."""
+
+    phrases: list[int]  # exact phrase hits in text order, as indexes into the engine's phrases
+    words: list[str]  # runs of 5+ letters: the fuzzy matcher's candidates
+    cues: int  # complexity cues (_COMPLEX_WORDS) in the clipped text
+    word_count: int  # len(text.split()) of the whole text
+
+
 def estimate_complexity(text: str, lowered: str | None = None) -> tuple[str, float]:
     """Simple/complex from length and structural cues, with a rough confidence.
 
     `lowered` is `text[:_MAX_CHARS].lower()` when the caller has it already.
     """
-    words = len(text.split())
     if lowered is None:
         lowered = text[:_MAX_CHARS].lower()
-    cues = len(_COMPLEX_WORDS.findall(lowered))
+    return complexity_from(text, len(text.split()), len(_COMPLEX_WORDS.findall(lowered)))
+
+
+def complexity_from(text: str, word_count: int, cues: int) -> tuple[str, float]:
+    """`estimate_complexity` once the words and the cue words are counted."""
     head = text[:4000]
     if "\n" in head or "`" in head:
         cues += len(_STRUCTURE.findall(head))
     elif _LIST_START.match(head):  # one line, no fences: only the start can be a list item
         cues += 1
     questions = text.count("?")
-    score = words / 60 + 0.5 * cues + 0.25 * max(questions - 1, 0)
+    score = word_count / 60 + 0.5 * cues + 0.25 * max(questions - 1, 0)
     if score >= 1.0:
         return "complex", min(0.5 + score / 4, 0.95)
     return "simple", min(0.5 + (1 - score) / 2, 0.95)
 
 
+def native_scan_available() -> bool:
+    """Whether the compiled scan was built with this install (else the regexes run)."""
+    return _native is not None
+
+
 class KeywordEngine:
     """Phrase matching over per-category phrase lists from the routing config: exact phrases
-    through one compiled regex, typos through fuzzy matching of the batch's distinct words."""
+    and complexity cues through one scan per prompt, typos through fuzzy matching of the
+    batch's distinct words.
+
+    The scan is compiled (_keyword_scan.c) where the install built it, else the regexes of
+    this module; both give the same matches. `native=False` forces the regexes, `True`
+    requires the compiled scan.
+    """
 
     name = "keyword"
 
     def __init__(
-        self, phrases: Mapping[str, Sequence[str]], default_category: str = "chat"
+        self, phrases: Mapping[str, Sequence[str]], default_category: str = "chat",
+        native: bool | None = None,
     ) -> None:
         # phrase -> indexes of the categories that list it
         self._owner: dict[str, tuple[int, ...]] = {}
@@ -99,11 +170,22 @@ class KeywordEngine:
             for phrase in phrases.get(category, ()):
                 self._owner[phrase.lower()] = (*self._owner.get(phrase.lower(), ()), index)
         ordered = sorted(self._owner, key=len, reverse=True)  # longest phrase wins the match
+        self._phrases = ordered
+        self._phrase_id = {phrase: i for i, phrase in enumerate(ordered)}
         self._exact = (
             re.compile(r"(?<!\w)(" + phrase_pattern(ordered) + r")(?!\w)")
             if ordered
             else None
         )
+        if native and _native is None:
+            raise RuntimeError("the compiled keyword scan is not built in this install")
+        self._tries: tuple[Trie, Trie] | None = None
+        if _native is not None and native is not False:
+            self._tries = (
+                _native.load_trie(*flatten_trie([(p, False) for p in ordered])),
+                _native.load_trie(*flatten_trie(
+                    [(c.rstrip("*"), c.endswith("*")) for c in _CUE_LITERALS])),
+            )
         # Typos are only plausible in longer single words ("kubernetse"); short ones collide.
         self._words = [p for p in ordered if " " not in p and len(p) >= _MIN_FUZZY_LEN]
         self._memo: dict[str, str | None] = {}  # word -> the phrase word it is a typo of
@@ -116,18 +198,36 @@ class KeywordEngine:
         """Hash of the phrase lists."""
         return self._version
 
+    @property
+    def native(self) -> bool:
+        """Whether this engine scans with the compiled module."""
+        return self._tries is not None
+
+    def scan(self, text: str, lowered: str) -> TextScan:
+        """One prompt's phrases, words, cues and word count; `lowered` is its clipped lower case."""
+        if self._tries is not None:
+            phrases, words, cues, word_count = _native.scan(*self._tries, text, lowered)
+            return TextScan(phrases, words, cues, word_count)
+        return self.scan_reference(text, lowered)
+
+    def scan_reference(self, text: str, lowered: str) -> TextScan:
+        """`scan` through the regexes: the definition the compiled scan is tested against."""
+        phrases = (
+            [self._phrase_id[p] for p in self._exact.findall(lowered)] if self._exact else []
+        )
+        words = (_ASCII_WORD if lowered.isascii() else _WORD).findall(lowered)
+        return TextScan(
+            phrases, words, len(_COMPLEX_WORDS.findall(lowered)), len(text.split())
+        )
+
     def classify(self, texts: list[str]) -> list[Prediction]:
         """Exact hits per text, plus one fuzzy pass over the new distinct words of the batch."""
         if not texts:
             return []
         clipped = [t[:_MAX_CHARS].lower() for t in texts]
-        exact = [self._exact.findall(t) if self._exact else [] for t in clipped]
-        words = [(_ASCII_WORD if t.isascii() else _WORD).findall(t) for t in clipped]
-        fuzzy = self._fuzzy_words(words)
-        return [
-            self._predict(texts[i], clipped[i], exact[i], words[i], fuzzy)
-            for i in range(len(texts))
-        ]
+        scans = [self.scan(text, lowered) for text, lowered in zip(texts, clipped, strict=True)]
+        fuzzy = self._fuzzy_words([scan.words for scan in scans])
+        return [self._predict(text, scan, fuzzy) for text, scan in zip(texts, scans, strict=True)]
 
     def _fuzzy_words(self, words: list[list[str]]) -> dict[str, str | None]:
         """Each distinct word of the batch -> the phrase word it is a near-miss of, or None."""
@@ -155,27 +255,33 @@ class KeywordEngine:
                 memo[vocab[r]] = self._words[c]
         return memo
 
-    def _predict(
-        self, text: str, lowered: str, exact: list[str], words: list[str],
-        fuzzy: dict[str, str | None],
-    ) -> Prediction:
+    def _predict(self, text: str, scan: TextScan, fuzzy: dict[str, str | None]) -> Prediction:
         n = len(CATEGORIES)
         exact_votes = [0] * n
-        for phrase in exact:
-            for index in self._owner[phrase]:
+        owner = self._owner
+        for phrase_id in scan.phrases:
+            for index in owner[self._phrases[phrase_id]]:
                 exact_votes[index] += 1
         # Exact hits count double so a clean match beats a near-miss.
         total = [2 * v for v in exact_votes]
-        for word in words:
+        for word in scan.words:
             near = fuzzy.get(word)
             if near is not None:
-                for index in self._owner[near]:
+                for index in owner[near]:
                     total[index] += 1
+        complexity, complexity_conf = complexity_from(text, scan.word_count, scan.cues)
         mass = sum(total)
         if not mass:
-            return self._fallback(text, lowered)
+            uniform = 1.0 / n
+            return Prediction(
+                category=self._default,
+                complexity=complexity,
+                confidence=uniform,
+                scores=dict.fromkeys(CATEGORIES, uniform),
+                complexity_confidence=complexity_conf,
+                tier=Tier.DEFAULT,
+            )
         best = max(range(n), key=total.__getitem__)  # first of equals, like argmax
-        complexity, complexity_conf = estimate_complexity(text, lowered)
         return Prediction(
             category=CATEGORIES[best],
             complexity=complexity,
@@ -183,18 +289,6 @@ class KeywordEngine:
             scores={c: v / mass for c, v in zip(CATEGORIES, total, strict=True)},
             complexity_confidence=complexity_conf,
             tier=Tier.KEYWORD if exact_votes[best] > 0 else Tier.FUZZY,
-        )
-
-    def _fallback(self, text: str, lowered: str) -> Prediction:
-        complexity, complexity_conf = estimate_complexity(text, lowered)
-        uniform = 1.0 / len(CATEGORIES)
-        return Prediction(
-            category=self._default,
-            complexity=complexity,
-            confidence=uniform,
-            scores=dict.fromkeys(CATEGORIES, uniform),
-            complexity_confidence=complexity_conf,
-            tier=Tier.DEFAULT,
         )
 
 

@@ -1,0 +1,9 @@
+# Types of the compiled keyword scan (_keyword_scan.c); keyword.py is its only user.
+from typing import NewType
+
+Trie = NewType("Trie", object)
+
+def load_trie(nodes: bytes, edges: bytes, /) -> Trie: ...
+def scan(
+    phrases: Trie, cues: Trie, text: str, lowered: str, /
+) -> tuple[list[int], list[str], int, int]: ...
