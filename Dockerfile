@@ -36,7 +36,7 @@ RUN pip install --upgrade pip setuptools wheel
 
 WORKDIR /src
 # Dependency metadata first so the heavy layers below are cached across source edits.
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml setup.py README.md* ./
 COPY router_worker/ router_worker/
 
 # The CPU index is only offered when vLLM is not wanted: "+cpu" local versions sort above the

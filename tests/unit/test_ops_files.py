@@ -383,7 +383,14 @@ def test_dockerfile_is_multistage_non_root_and_pins_cpu_torch() -> None:
 def test_dockerignore_keeps_the_build_inputs() -> None:
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".git", ".venv"} <= ignored
-    assert not ignored & {"router_worker", "pyproject.toml", "topics", "README.md"}
+    assert not ignored & {"router_worker", "pyproject.toml", "setup.py", "topics", "README.md"}
+
+
+def test_the_image_builds_the_compiled_keyword_scan() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    copied = " ".join(re.findall(r"^COPY (?!--from)(.+)$", text, re.MULTILINE))
+    assert "setup.py" in copied, "without setup.py the image runs the regex keyword scan"
+    assert "build-essential" in text
 
 
 def test_operations_doc_has_the_runbook_anchor() -> None:
