@@ -43,6 +43,10 @@ typedef struct {
     Edge *edges;
     Py_ssize_t n_nodes;
     Py_ssize_t n_edges;
+    /* The root's children by ASCII character (0: none). Every word boundary starts at the
+     * root, so this lookup runs ~once per word; a binary search there mispredicted often
+     * enough to be most of the scan's time. */
+    int32_t root_ascii[128];
 } Trie;
 
 /* Each character of the scanned text is classified once into these flags, so the passes below
@@ -151,6 +155,11 @@ load_trie(PyObject *Py_UNUSED(module), PyObject *args)
     if (trie_check(trie) < 0) {
         goto fail;
     }
+    for (int32_t e = trie->nodes[0].first; e < trie->nodes[0].first + trie->nodes[0].count; e++) {
+        if (trie->edges[e].ch >= 0 && trie->edges[e].ch < 128) {
+            trie->root_ascii[trie->edges[e].ch] = trie->edges[e].child;
+        }
+    }
     result = PyCapsule_New(trie, TRIE_CAPSULE, trie_free);
     if (result != NULL) {
         goto done;
@@ -170,7 +179,18 @@ done:
 static inline int32_t
 child_of(const Trie *trie, const Node *node, Py_UCS4 ch)
 {
+    if (node == trie->nodes && ch < 128) {
+        return trie->root_ascii[ch] ? trie->root_ascii[ch] : -1;
+    }
     int32_t lo = node->first, hi = node->first + node->count;
+    if (node->count <= 8) {  /* below the root most nodes have one child: scan them */
+        for (; lo < hi; lo++) {
+            if ((Py_UCS4)trie->edges[lo].ch == ch) {
+                return trie->edges[lo].child;
+            }
+        }
+        return -1;
+    }
     while (lo < hi) {
         int32_t mid = lo + (hi - lo) / 2;
         Py_UCS4 key = (Py_UCS4)trie->edges[mid].ch;
