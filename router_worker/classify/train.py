@@ -19,11 +19,14 @@ from router_worker.classify.cpu import (
     ENCODER_ID,
     ENGINE_NAME,
     F32,
+    VOCABULARY_FILE,
     CpuEngine,
     Features,
     LinearHead,
     StaticEncoder,
     hash_dir,
+    training_vocabulary,
+    vocabulary_arrays,
 )
 from router_worker.classify.data import (
     Record,
@@ -263,7 +266,13 @@ def train(
     metrics["validation"] = {"n": len(parts["validation"]), **params["validation_selection"]}
     metrics["counts"] = {name: len(rs) for name, rs in parts.items()}
     metrics["counts"]["holdout"] = len(holdout_records)
-    extra: dict[str, dict[str, npt.NDArray[Any]]] = {}
+    # The words of what the final head was fit on (train and validation); the test split's
+    # prompts stay partly unseen, as new traffic is.
+    extra: dict[str, dict[str, npt.NDArray[Any]]] = {
+        VOCABULARY_FILE: vocabulary_arrays(
+            training_vocabulary(r.prompt for r in _concat(parts["train"], parts["validation"]))
+        )
+    }
     if encoder_head is not False:
         encoder_arrays, encoder_metrics = _maybe_encoder_head(
             parts, holdout_records, threads, required=encoder_head is True

@@ -18,6 +18,7 @@ from router_worker.classify.artifacts import (
     write_artifact,
 )
 from router_worker.classify.cpu import (
+    VOCABULARY_FILE,
     CpuEngine,
     StaticEncoder,
     char_ngrams,
@@ -26,6 +27,9 @@ from router_worker.classify.cpu import (
     pool,
     principal_directions,
     segment_sum,
+    training_vocabulary,
+    vocabulary_arrays,
+    vocabulary_from_arrays,
 )
 from router_worker.classify.engine import Engine
 from router_worker.errors import ArtifactError
@@ -62,7 +66,8 @@ def _meta(version: str, static_model: Path) -> ArtifactMeta:
 
 
 def _publish(
-    root: Path, version: str, static_model: Path, seed: int = 1, lexicon_hash: str | None = None
+    root: Path, version: str, static_model: Path, seed: int = 1, lexicon_hash: str | None = None,
+    vocabulary: list[str] | None = None,
 ) -> Path:
     encoder = StaticEncoder(static_model)
     width = len(CATEGORIES) + len(COMPLEXITIES)
@@ -76,7 +81,8 @@ def _publish(
         "bias": np.zeros(width, dtype=np.float32),
     }
     meta = _meta(version, static_model).model_copy(update={"lexicon_hash": lexicon_hash})
-    return write_artifact(root, meta, arrays)
+    extra = {VOCABULARY_FILE: vocabulary_arrays(vocabulary)} if vocabulary is not None else None
+    return write_artifact(root, meta, arrays, extra=extra)
 
 
 @pytest.fixture
@@ -286,3 +292,43 @@ def test_words_with_digits_are_cached_from_their_second_sighting_only(engine: Cp
     again = engine.classify(["write a poem id-7f3a9c quixotically"])
     assert "id-7f3a9c" in encoder._words
     assert once[0].scores == pytest.approx(again[0].scores)
+
+
+def test_the_training_vocabulary_is_learned_when_the_artifact_loads(
+    tmp_path: Path, static_model: Path
+) -> None:
+    vocabulary = training_vocabulary(["Write a poem, please", "fix the bug", "write id-7"])
+    assert vocabulary[0] == "write"  # most frequent first
+    assert "id-7" not in vocabulary  # digit words wait for their second sighting, as ever
+    _publish(tmp_path, "cpu-v1", static_model, vocabulary=vocabulary)
+    warm = load_cpu_engine(tmp_path, static_model)
+    assert set(vocabulary) <= set(warm.encoder._words)
+    cold_root = tmp_path / "cold"
+    _publish(cold_root, "cpu-v1", static_model)  # an artifact from before vocabularies
+    cold = load_cpu_engine(cold_root, static_model)
+    assert not cold.encoder._words
+    assert warm.classify(TEXTS) == cold.classify(TEXTS)  # only sooner, never different
+
+
+def test_prelearning_never_overfills_the_word_cache(
+    engine: CpuEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import router_worker.classify.cpu as cpu
+
+    monkeypatch.setattr(cpu, "WORD_CACHE", 3)
+    assert engine.encoder.prelearn(["write", "a", "poem", "fix", "bug"]) == 3
+    assert list(engine.encoder._words) == ["write", "a", "poem"]
+    assert engine.encoder.prelearn(["write", "sum"]) == 0
+
+
+def test_a_vocabulary_survives_its_file_format() -> None:
+    words = ["write", "éclair", "перевод", "中文", "c++", "\udc80x", "a\x00b"]
+    assert vocabulary_from_arrays(vocabulary_arrays(words)) == words
+    assert vocabulary_from_arrays(vocabulary_arrays([])) == []
+
+
+def test_a_corrupt_vocabulary_is_an_artifact_error(tmp_path: Path, static_model: Path) -> None:
+    _publish(tmp_path, "cpu-v1", static_model)
+    np.savez(tmp_path / "cpu-v1" / VOCABULARY_FILE, other=np.zeros(3))
+    with pytest.raises(ArtifactError, match="no vocabulary"):
+        load_cpu_engine(tmp_path, static_model)
