@@ -1,6 +1,7 @@
 /*
  * The keyword tier's text scan, compiled: one call per prompt finds the configured phrases, the
- * complexity cues, the words the fuzzy matcher looks at, and the prompt's word count.
+ * complexity cues, the words' near-misses known to the fuzzy memo (and the words it does not
+ * know yet), and the prompt's word count.
  *
  * Why C: in Python each of those is a separate `re` scan (or str.split), each near the floor
  * of what `re` can do per character, and together they were ~25 us of the tier's ~31 us per
@@ -276,9 +277,13 @@ find_literals(const Trie *trie, int kind, const void *data, const unsigned char 
     return found;
 }
 
-/* Maximal runs of letters at least MIN_WORD_LEN long, like re.findall(r"[^\W\d_]{5,}"). */
+/* Maximal runs of letters at least MIN_WORD_LEN long, like re.findall(r"[^\W\d_]{5,}"), each
+ * looked up in `memo` (word -> the phrase word it is a near-miss of, or None): a near-miss adds
+ * its phrase word to `near`, a word not in the memo yet goes to `fresh`, and a word known to
+ * be no near-miss (almost all of them, once the memo is warm) costs nothing more. */
 static int
-find_words(PyObject *text, const unsigned char *flags, Py_ssize_t n, PyObject *words)
+find_words(PyObject *text, const unsigned char *flags, Py_ssize_t n, PyObject *memo,
+           PyObject *near, PyObject *fresh)
 {
     Py_ssize_t run = 0;
     for (Py_ssize_t i = 0; i <= n; i++) {
@@ -288,11 +293,21 @@ find_words(PyObject *text, const unsigned char *flags, Py_ssize_t n, PyObject *w
         }
         if (run >= MIN_WORD_LEN) {
             PyObject *word = PyUnicode_Substring(text, i - run, i);
-            if (word == NULL || PyList_Append(words, word) < 0) {
-                Py_XDECREF(word);
+            if (word == NULL) {
                 return -1;
             }
+            PyObject *phrase = PyDict_GetItemWithError(memo, word);  /* borrowed */
+            int failed;
+            if (phrase == NULL) {
+                failed = PyErr_Occurred() != NULL || PyList_Append(fresh, word) < 0;
+            }
+            else {
+                failed = phrase != Py_None && PyList_Append(near, phrase) < 0;
+            }
             Py_DECREF(word);
+            if (failed) {
+                return -1;
+            }
         }
         run = 0;
     }
@@ -325,16 +340,22 @@ trie_from(PyObject *capsule)
     return (Trie *)PyCapsule_GetPointer(capsule, TRIE_CAPSULE);
 }
 
-/* scan(phrases, cues, text, lowered) -> (phrase ids, words, cue count, word count)
+/* scan(phrases, cues, memo, text, lowered)
+ *     -> (phrase ids, near-miss phrase words, fresh words, cue count, word count)
  *
  * `lowered` is the clipped, lower-cased text every match runs on; the word count is of the
- * whole `text`, as estimate_complexity counts it. */
+ * whole `text`, as estimate_complexity counts it. With `memo` None the words are not looked
+ * at (an engine without phrase words to be near). */
 static PyObject *
 scan(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    PyObject *phrases_capsule, *cues_capsule, *text, *lowered;
-    if (!PyArg_ParseTuple(args, "OOUU:scan", &phrases_capsule, &cues_capsule, &text,
+    PyObject *phrases_capsule, *cues_capsule, *memo, *text, *lowered;
+    if (!PyArg_ParseTuple(args, "OOOUU:scan", &phrases_capsule, &cues_capsule, &memo, &text,
                           &lowered)) {
+        return NULL;
+    }
+    if (memo != Py_None && !PyDict_Check(memo)) {
+        PyErr_SetString(PyExc_TypeError, "memo must be a dict or None");
         return NULL;
     }
     Trie *phrases = trie_from(phrases_capsule);
@@ -345,7 +366,6 @@ scan(PyObject *Py_UNUSED(module), PyObject *args)
     int kind = PyUnicode_KIND(lowered);
     const void *data = PyUnicode_DATA(lowered);
     Py_ssize_t n = PyUnicode_GET_LENGTH(lowered);
-
     unsigned char small[2048];
     unsigned char *flags = n <= (Py_ssize_t)sizeof(small) ? small : PyMem_Malloc((size_t)n);
     if (flags == NULL) {
@@ -355,17 +375,19 @@ scan(PyObject *Py_UNUSED(module), PyObject *args)
 
     PyObject *result = NULL;
     PyObject *ids = PyList_New(0);
-    PyObject *words = PyList_New(0);
+    PyObject *near = PyList_New(0);
+    PyObject *fresh = PyList_New(0);
     Py_ssize_t cue_count;
-    if (ids == NULL || words == NULL
+    if (ids == NULL || near == NULL || fresh == NULL
         || find_literals(phrases, kind, data, flags, n, ids) < 0
         || (cue_count = find_literals(cues, kind, data, flags, n, NULL)) < 0
-        || find_words(lowered, flags, n, words) < 0) {
+        || (memo != Py_None && find_words(lowered, flags, n, memo, near, fresh) < 0)) {
         Py_XDECREF(ids);
-        Py_XDECREF(words);
+        Py_XDECREF(near);
+        Py_XDECREF(fresh);
     }
     else {
-        result = Py_BuildValue("(NNnn)", ids, words, cue_count, count_split(text));
+        result = Py_BuildValue("(NNNnn)", ids, near, fresh, cue_count, count_split(text));
     }
     if (flags != small) {
         PyMem_Free(flags);
@@ -377,7 +399,8 @@ static PyMethodDef methods[] = {
     {"load_trie", load_trie, METH_VARARGS,
      "load_trie(nodes, edges) -> trie: a flattened trie (see keyword.flatten_trie), checked."},
     {"scan", scan, METH_VARARGS,
-     "scan(phrases, cues, text, lowered) -> (phrase ids, words, cue count, word count)."},
+     "scan(phrases, cues, memo, text, lowered) -> (phrase ids, near-miss phrase words, "
+     "fresh words, cue count, word count)."},
     {NULL, NULL, 0, NULL},
 };
 

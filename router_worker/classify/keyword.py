@@ -111,10 +111,16 @@ def flatten_trie(literals: Sequence[tuple[str, bool]]) -> tuple[bytes, bytes]:
 
 
 class TextScan(NamedTuple):
-    """What the keyword tier reads from one prompt."""
+    """What the keyword tier reads from one prompt.
+
+    Its words (runs of 5+ letters) are looked up in the engine's fuzzy memo as they are found:
+    known near-misses land in `near`, words the memo has not seen in `fresh` (one entry per
+    occurrence in both), and the many words known to be no near-miss nowhere.
+    """
 
     phrases: list[int]  # exact phrase hits in text order, as indexes into the engine's phrases
-    words: list[str]  # runs of 5+ letters: the fuzzy matcher's candidates
+    near: list[str]  # the phrase word each known near-miss word is a typo of
+    fresh: list[str]  # words the fuzzy memo has not seen yet
     cues: int  # complexity cues (_COMPLEX_WORDS) in the clipped text
     word_count: int  # len(text.split()) of the whole text
 
@@ -206,8 +212,8 @@ class KeywordEngine:
     def scan(self, text: str, lowered: str) -> TextScan:
         """One prompt's phrases, words, cues and word count; `lowered` is its clipped lower case."""
         if self._tries is not None:
-            phrases, words, cues, word_count = _native.scan(*self._tries, text, lowered)
-            return TextScan(phrases, words, cues, word_count)
+            memo = self._memo if self._words else None
+            return TextScan(*_native.scan(*self._tries, memo, text, lowered))
         return self.scan_reference(text, lowered)
 
     def scan_reference(self, text: str, lowered: str) -> TextScan:
@@ -215,9 +221,17 @@ class KeywordEngine:
         phrases = (
             [self._phrase_id[p] for p in self._exact.findall(lowered)] if self._exact else []
         )
-        words = (_ASCII_WORD if lowered.isascii() else _WORD).findall(lowered)
+        near: list[str] = []
+        fresh: list[str] = []
+        if self._words:  # without phrase words to be near, words need no look
+            memo = self._memo
+            for word in (_ASCII_WORD if lowered.isascii() else _WORD).findall(lowered):
+                if word not in memo:
+                    fresh.append(word)
+                elif (phrase := memo[word]) is not None:
+                    near.append(phrase)
         return TextScan(
-            phrases, words, len(_COMPLEX_WORDS.findall(lowered)), len(text.split())
+            phrases, near, fresh, len(_COMPLEX_WORDS.findall(lowered)), len(text.split())
         )
 
     def classify(self, texts: list[str]) -> list[Prediction]:
@@ -226,17 +240,19 @@ class KeywordEngine:
             return []
         clipped = [t[:_MAX_CHARS].lower() for t in texts]
         scans = [self.scan(text, lowered) for text, lowered in zip(texts, clipped, strict=True)]
-        fuzzy = self._fuzzy_words([scan.words for scan in scans])
-        return [self._predict(text, scan, fuzzy) for text, scan in zip(texts, scans, strict=True)]
+        if any(scan.fresh for scan in scans):
+            memo = self._match_fresh({word for scan in scans for word in scan.fresh})
+            scans = [
+                scan._replace(near=scan.near + [
+                    phrase for word in scan.fresh if (phrase := memo[word]) is not None
+                ], fresh=[]) if scan.fresh else scan
+                for scan in scans
+            ]
+        return [self._predict(text, scan) for text, scan in zip(texts, scans, strict=True)]
 
-    def _fuzzy_words(self, words: list[list[str]]) -> dict[str, str | None]:
-        """Each distinct word of the batch -> the phrase word it is a near-miss of, or None."""
+    def _match_fresh(self, fresh: set[str]) -> dict[str, str | None]:
+        """The fuzzy memo, after matching `fresh` (words it lacks) against the phrase words."""
         memo = self._memo
-        if not self._words:
-            return memo
-        fresh = {w for text_words in words for w in text_words if w not in memo}
-        if not fresh:
-            return memo
         if len(memo) + len(fresh) > _FUZZY_MEMO_MAX:
             memo.clear()
         vocab = sorted(fresh)
@@ -255,7 +271,7 @@ class KeywordEngine:
                 memo[vocab[r]] = self._words[c]
         return memo
 
-    def _predict(self, text: str, scan: TextScan, fuzzy: dict[str, str | None]) -> Prediction:
+    def _predict(self, text: str, scan: TextScan) -> Prediction:
         n = len(CATEGORIES)
         exact_votes = [0] * n
         owner = self._owner
@@ -264,11 +280,9 @@ class KeywordEngine:
                 exact_votes[index] += 1
         # Exact hits count double so a clean match beats a near-miss.
         total = [2 * v for v in exact_votes]
-        for word in scan.words:
-            near = fuzzy.get(word)
-            if near is not None:
-                for index in owner[near]:
-                    total[index] += 1
+        for near in scan.near:
+            for index in owner[near]:
+                total[index] += 1
         complexity, complexity_conf = complexity_from(text, scan.word_count, scan.cues)
         mass = sum(total)
         if not mass:

@@ -49,10 +49,14 @@ def _default_engines() -> tuple[KeywordEngine, KeywordEngine]:
 
 @needs_native
 def test_every_corpus_prompt_scans_the_same_compiled_and_by_regex() -> None:
-    native, reference = _default_engines()
-    for text in load_prompts(limit=100_000):
-        lowered = text[:1500].lower()
-        assert native.scan(text, lowered) == reference.scan_reference(text, lowered), text
+    native, _ = _default_engines()
+    texts = load_prompts(limit=100_000)
+    for warm in (False, True):  # words fresh to the fuzzy memo, then known to it
+        for text in texts:
+            lowered = text[:1500].lower()
+            assert native.scan(text, lowered) == native.scan_reference(text, lowered), text
+        native.classify(texts)
+    assert any(native.scan(t, t[:1500].lower()).near for t in texts)  # near-misses were seen
 
 
 @needs_native
@@ -70,6 +74,8 @@ def test_the_corpus_is_classified_the_same_compiled_and_by_regex() -> None:
 def test_random_text_scans_the_same_compiled_and_by_regex(text: str) -> None:
     native = KeywordEngine(PHRASES, native=True)
     lowered = text[:1500].lower()
+    assert native.scan(text, lowered) == native.scan_reference(text, lowered)
+    native.classify([text])  # now every word is in the fuzzy memo
     assert native.scan(text, lowered) == native.scan_reference(text, lowered)
 
 
@@ -98,6 +104,9 @@ def test_a_malformed_trie_is_refused() -> None:
         _keyword_scan.load_trie(nodes[:-1], edges)
     with pytest.raises(ValueError, match="root"):
         _keyword_scan.load_trie(b"", b"")
+    trie = _keyword_scan.load_trie(nodes, edges)
+    with pytest.raises(TypeError, match="memo"):
+        _keyword_scan.scan(trie, trie, [], "ab", "ab")  # type: ignore[arg-type]
     bad_child = bytearray(edges)
     bad_child[4:8] = (99).to_bytes(4, "little", signed=True)
     with pytest.raises(ValueError, match="outside the node table"):
@@ -116,3 +125,11 @@ def test_the_compiled_scan_is_built_wherever_a_c_compiler_and_headers_are() -> N
     if not (shutil.which("cc") or shutil.which("gcc")) or not include.exists():
         pytest.skip("no C compiler or Python headers: the regexes are the keyword scan here")
     assert native_scan_available(), "setup.py's optional extension failed to build"
+
+
+def test_an_engine_without_phrase_words_looks_at_no_words() -> None:
+    for native in ({True, False} if native_scan_available() else {False}):
+        engine = KeywordEngine({"code": ["ci", "c++"]}, native=native)
+        scan = engine.scan("kubernetes pipeline", "kubernetes pipeline")
+        assert (scan.near, scan.fresh) == ([], [])
+        assert not engine._memo
