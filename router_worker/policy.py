@@ -8,12 +8,13 @@ from router_worker.classify.engine import Prediction
 from router_worker.config import ModelSpec, RoutingConfig, TenantSpec
 from router_worker.errors import ErrorCode, RequestRejected
 from router_worker.events import Constraints, RoutingRequested
+from router_worker.frozen import frozen
 
 MAX_FALLBACKS = 4
 TOP_ALTERNATIVES = 3
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Context:
     """Everything besides the request that a decision depends on."""
 
@@ -75,7 +76,7 @@ def candidate_order(
     return order
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Choice:
     """The policy engine's answer before it is wrapped in an event."""
 

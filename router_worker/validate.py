@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -12,6 +11,7 @@ from pydantic import ValidationError
 
 from router_worker.errors import ErrorCode
 from router_worker.events import RoutingRequested
+from router_worker.frozen import frozen
 
 # Undecodable payloads are kept (base64) for forensics, but a multi-megabyte blob would make the
 # failed event itself too large to publish; beyond this the raw copy is truncated and says so.
@@ -20,7 +20,7 @@ MAX_RAW_COPY = 256 * 1024
 _RAW_SLACK = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Inbound:
     """One record as it came off `routing.requested.v1`."""
 
@@ -33,7 +33,7 @@ class Inbound:
     timestamp_ms: float
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Rejected:
     """A record that cannot be routed, with everything its failed event needs."""
 

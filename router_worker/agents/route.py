@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -19,6 +18,7 @@ from router_worker.config import RoutingConfig
 from router_worker.enrich import Enricher, Enrichment
 from router_worker.errors import ErrorCode, RequestRejected
 from router_worker.events import RoutingRequested, utcnow
+from router_worker.frozen import frozen
 from router_worker.metrics import Metrics
 from router_worker.policy import Choice, candidate_order, decide
 from router_worker.settings import Settings
@@ -30,7 +30,7 @@ log = structlog.get_logger(__name__)
 PROPAGATED_HEADERS = frozenset({"correlation_id", "traceparent", "tracestate"})
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Outgoing:
     """One record to produce."""
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Protocol, runtime_checkable
 
 from router_worker.events import Tier
+from router_worker.frozen import frozen
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Prediction:
     """One text's classification: labels, confidence and per-class scores."""
 

@@ -51,7 +51,7 @@ def _default_engines() -> tuple[KeywordEngine, KeywordEngine]:
 def test_every_corpus_prompt_scans_the_same_compiled_and_by_regex() -> None:
     native, _ = _default_engines()
     texts = load_prompts(limit=100_000)
-    for warm in (False, True):  # words fresh to the fuzzy memo, then known to it
+    for _warm in (False, True):  # words fresh to the fuzzy memo, then known to it
         for text in texts:
             lowered = text[:1500].lower()
             assert native.scan(text, lowered) == native.scan_reference(text, lowered), text
