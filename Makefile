@@ -80,5 +80,6 @@ bench-classifier: $(INSTALLED) $(ARTIFACT)
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache *-data
 
+# The compiled keyword scan lives in the source tree (editable install): it goes with the venv.
 distclean: clean
-	rm -rf $(VENV) models artifacts
+	rm -rf $(VENV) models artifacts build router_worker/classify/_keyword_scan.*.so
