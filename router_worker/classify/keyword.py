@@ -13,6 +13,7 @@ from rapidfuzz import fuzz, process
 
 from router_worker.classify.engine import Prediction
 from router_worker.config import RoutingConfig, load_config
+from router_worker.errors import EngineUnavailable
 from router_worker.events import CATEGORIES, Tier
 from router_worker.settings import Settings
 
@@ -184,7 +185,10 @@ class KeywordEngine:
             else None
         )
         if native and _native is None:
-            raise RuntimeError("the compiled keyword scan is not built in this install")
+            raise EngineUnavailable(
+                "the compiled keyword scan is not built in this install (no C compiler or "
+                "Python headers when it was installed); reinstall with both, or leave native unset"
+            )
         self._tries: tuple[Trie, Trie] | None = None
         if _native is not None and native is not False:
             self._tries = (

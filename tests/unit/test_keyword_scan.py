@@ -18,6 +18,7 @@ from router_worker.classify.keyword import (
     native_scan_available,
 )
 from router_worker.config import load_config
+from router_worker.errors import EngineUnavailable
 from router_worker.settings import Settings
 
 needs_native = pytest.mark.skipif(
@@ -118,6 +119,17 @@ def test_the_regexes_answer_where_the_compiled_scan_is_not_wanted() -> None:
     assert not engine.native
     [prediction] = engine.classify(["my python stack trace"])
     assert prediction.category == "code"
+
+
+def test_requiring_a_missing_compiled_scan_is_a_typed_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import router_worker.classify.keyword as keyword
+
+    monkeypatch.setattr(keyword, "_native", None)
+    with pytest.raises(EngineUnavailable, match="not built"):
+        KeywordEngine(PHRASES, native=True)
+    assert not KeywordEngine(PHRASES).native  # unset: the regexes, quietly
 
 
 def test_the_compiled_scan_is_built_wherever_a_c_compiler_and_headers_are() -> None:
