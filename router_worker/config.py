@@ -212,6 +212,9 @@ class RoutingConfig(_Strict):
         ):
             if category not in CATEGORIES:
                 raise ValueError(f"unknown category {category!r} (known: {', '.join(CATEGORIES)})")
+        for category, phrases in self.keywords.items():
+            if any(not phrase.strip() for phrase in phrases):
+                raise ValueError(f"keywords.{category}: an empty phrase (it would match nothing)")
         if self.fallback_policy not in self.policies:
             raise ValueError(f"fallback_policy: unknown policy {self.fallback_policy!r}")
         if self.default_category not in CATEGORIES:

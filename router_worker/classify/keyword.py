@@ -175,7 +175,8 @@ class KeywordEngine:
         self._owner: dict[str, tuple[int, ...]] = {}
         for index, category in enumerate(CATEGORIES):
             for phrase in phrases.get(category, ()):
-                self._owner[phrase.lower()] = (*self._owner.get(phrase.lower(), ()), index)
+                if phrase.strip():  # a blank phrase would match the empty string between spaces
+                    self._owner[phrase.lower()] = (*self._owner.get(phrase.lower(), ()), index)
         ordered = sorted(self._owner, key=len, reverse=True)  # longest phrase wins the match
         self._phrases = ordered
         self._phrase_id = {phrase: i for i, phrase in enumerate(ordered)}

@@ -145,3 +145,13 @@ def test_an_engine_without_phrase_words_looks_at_no_words() -> None:
         scan = engine.scan("kubernetes pipeline", "kubernetes pipeline")
         assert (scan.near, scan.fresh) == ([], [])
         assert not engine._memo
+
+
+def test_blank_phrases_are_ignored_by_the_engine_and_refused_by_the_config() -> None:
+    engine = KeywordEngine({"code": ["", "  ", "python"]})
+    text = "a  b python"
+    assert engine.scan(text, text).phrases == engine.scan_reference(text, text).phrases == [0]
+    raw = load_config(Settings().config).model_dump()
+    raw["keywords"]["code"] = [*raw["keywords"]["code"], " "]
+    with pytest.raises(ValueError, match=r"keywords\.code: an empty phrase"):
+        type(load_config(Settings().config)).model_validate(raw)
