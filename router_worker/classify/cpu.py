@@ -264,6 +264,13 @@ class StaticEncoder:
             phrase_owner,
         )
 
+    def adopt_words(self, previous: StaticEncoder) -> None:
+        """Share `previous`'s word cache: entries depend only on the tokenizer, the lexicon and
+        this module, so an encoder of the same static model may use them as they are. Callers
+        check the static model is the same (its hash); the lexicon is this process's."""
+        self._words = previous._words
+        self._seen_once = previous._seen_once
+
     def prelearn(self, words: Iterable[str], chunk: int = 4096) -> int:
         """Cache the entries of `words` ahead of traffic; returns how many were new.
 
@@ -578,6 +585,7 @@ class CpuEngine:
     ) -> None:
         meta = artifact.meta
         self._version = meta.version
+        self.static_model_hash = meta.static_model_hash
         self.categories = tuple(meta.labels.categories)
         self.complexities = tuple(meta.labels.complexities)
         self.encoder = encoder
@@ -672,8 +680,14 @@ def load_cpu_engine(
     threads: int = 1,
     encoder_stage: bool = False,
     verify_hash: bool = True,
+    previous: CpuEngine | None = None,
 ) -> CpuEngine:
-    """Load the CPU engine; ArtifactError when the artifact or static model is unusable."""
+    """Load the CPU engine; ArtifactError when the artifact or static model is unusable.
+
+    `previous`, the engine a hot reload replaces, lends its word cache when both were
+    verified against the same static model: the reload then learns only the vocabulary words
+    traffic has not taught it yet, and its first batches find the live words known.
+    """
     configure_threads(threads)
     artifact = load_artifact(artifact_path)
     if artifact.meta.engine != ENGINE_NAME:
@@ -696,6 +710,13 @@ def load_cpu_engine(
     engine = CpuEngine(
         artifact, StaticEncoder(static_model), second_stage=second, threshold=threshold
     )
+    if (
+        previous is not None
+        and verify_hash
+        and previous.encoder.model_dir == static_model
+        and previous.static_model_hash == artifact.meta.static_model_hash
+    ):
+        engine.encoder.adopt_words(previous.encoder)
     vocabulary = read_extra(artifact, VOCABULARY_FILE)  # artifacts before it have none
     learned = (
         engine.encoder.prelearn(vocabulary_from_arrays(vocabulary)) if vocabulary else 0

@@ -21,9 +21,12 @@ CHANNEL = "classifier:promotions"
 _REDIS_TIMEOUT_S = 0.25
 
 
-def load_engine(settings: Settings, artifact: Path | None = None) -> Engine:
+def load_engine(
+    settings: Settings, artifact: Path | None = None, previous: Engine | None = None
+) -> Engine:
     """The engine `settings.engine` names, loaded from `artifact` (default settings.artifact).
 
+    `previous` is the engine a reload replaces (the CPU engine reuses its word cache).
     Raises ArtifactError for a missing/corrupt artifact and EngineUnavailable when the
     backend's optional dependencies are absent.
     """
@@ -36,13 +39,14 @@ def load_engine(settings: Settings, artifact: Path | None = None) -> Engine:
         from router_worker.classify.vllm import load_vllm_engine  # gpu extra
 
         return load_vllm_engine(path, settings.vllm_model)
-    from router_worker.classify.cpu import load_cpu_engine
+    from router_worker.classify.cpu import CpuEngine, load_cpu_engine
 
     return load_cpu_engine(
         path,
         settings.static_model,
         threads=settings.engine_threads,
         encoder_stage=settings.encoder_stage,
+        previous=previous if isinstance(previous, CpuEngine) else None,
     )
 
 
@@ -84,9 +88,16 @@ def make_watcher(
     Call `watcher.maybe_reload()` between batches: it stats one file (and GETs one key) at
     most every `settings.artifact_poll_s` and returns a new engine only when the version changed.
     """
+    last = [engine]  # the engine the next reload replaces
+
+    def reload(path: Path) -> Engine:
+        fresh = load_engine(settings, path, previous=last[0])
+        last[0] = fresh
+        return fresh
+
     return ArtifactWatcher(
         settings.artifact,
-        lambda path: load_engine(settings, path),
+        reload,
         poll_s=settings.artifact_poll_s,
         initial_version=engine.version if engine is not None else None,
         remote=redis_version_source(settings) if follow_redis else None,

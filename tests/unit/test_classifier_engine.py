@@ -332,3 +332,39 @@ def test_a_corrupt_vocabulary_is_an_artifact_error(tmp_path: Path, static_model:
     np.savez(tmp_path / "cpu-v1" / VOCABULARY_FILE, other=np.zeros(3))
     with pytest.raises(ArtifactError, match="no vocabulary"):
         load_cpu_engine(tmp_path, static_model)
+
+
+def test_a_reload_on_the_same_static_model_keeps_the_words_traffic_taught(
+    tmp_path: Path, static_model: Path
+) -> None:
+    _publish(tmp_path, "cpu-v1", static_model, vocabulary=["write", "poem"])
+    first = load_cpu_engine(tmp_path, static_model)
+    first.classify(["quixotically fix the server"])
+    assert "quixotically" in first.encoder._words
+    _publish(tmp_path, "cpu-v2", static_model, seed=2, vocabulary=["write", "poem"])
+    reloaded = load_cpu_engine(tmp_path, static_model, previous=first)
+    assert "quixotically" in reloaded.encoder._words
+    assert reloaded.classify(TEXTS) == load_cpu_engine(tmp_path, static_model).classify(TEXTS)
+    first.static_model_hash = "another static model"
+    assert not load_cpu_engine(tmp_path, static_model, previous=first).encoder._words.get(
+        "quixotically")
+
+
+def test_the_watcher_hands_each_reload_the_engine_it_replaces(
+    tmp_path: Path, static_model: Path
+) -> None:
+    from router_worker.classify.factory import make_watcher
+    from router_worker.settings import Settings
+
+    settings = Settings(engine="cpu", artifact=tmp_path, static_model=static_model,
+                        artifact_poll_s=0.01)
+    _publish(tmp_path, "cpu-v1", static_model)
+    engine = load_cpu_engine(tmp_path, static_model)
+    engine.classify(["quixotically"])
+    watcher = make_watcher(settings, engine, follow_redis=False)
+    for version in ("cpu-v2", "cpu-v3"):
+        _publish(tmp_path, version, static_model)
+        reloaded = watcher.maybe_reload(force=True)
+        assert isinstance(reloaded, CpuEngine)
+        assert reloaded.version == version
+        assert "quixotically" in reloaded.encoder._words
