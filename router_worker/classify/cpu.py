@@ -75,6 +75,16 @@ F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
 
+def prompt_words(text: str) -> list[str]:
+    """The words of a prompt as the word cache keys them (`StaticEncoder.tokens`)."""
+    return text[:_MAX_CHARS].lower().split()
+
+
+def cached_at_first_sight(word: str) -> bool:
+    """Words without digits recur (a language's vocabulary); ids and numbers mostly do not."""
+    return _HAS_DIGIT(word) is None
+
+
 def configure_threads(threads: int) -> None:
     """Bound the engine's native thread pools (tokenizers' rayon, BLAS) to `threads`.
 
@@ -232,7 +242,7 @@ class StaticEncoder:
         phrase-word id (negative). One flattening then serves all three, without a text loop.
         """
         n = len(texts)
-        per_text = [t[:_MAX_CHARS].lower().split() for t in texts]
+        per_text = [prompt_words(t) for t in texts]
         words = list(chain.from_iterable(per_text))
         if not words:
             return Tokens.empty()
@@ -301,7 +311,7 @@ class StaticEncoder:
             if phrase_id:
                 pieces.append(-phrase_id)
             entry = fresh[word] = tuple(pieces)
-            if _HAS_DIGIT(word) is None or hash(word) in seen:
+            if cached_at_first_sight(word) or hash(word) in seen:
                 cache[word] = entry
             else:
                 seen.add(hash(word))
@@ -649,10 +659,7 @@ def training_vocabulary(prompts: Iterable[str], limit: int = VOCABULARY_MAX) -> 
     """The words (as `StaticEncoder.tokens` splits them) of `prompts`, most frequent first,
     without the words that hold a digit."""
     counts = Counter(
-        word
-        for prompt in prompts
-        for word in prompt[:_MAX_CHARS].lower().split()
-        if _HAS_DIGIT(word) is None
+        word for prompt in prompts for word in prompt_words(prompt) if cached_at_first_sight(word)
     )
     return [word for word, _ in counts.most_common(limit)]
 
