@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from router_worker.classify.engine import Prediction
 from router_worker.config import RoutingConfig, TenantSpec
 from router_worker.events import RoutingRequested
+from router_worker.redis_wire import with_fast_packing
 from router_worker.state.budget import window_ids
 from router_worker.state.cache import decode_prediction
 from router_worker.state.health import HEALTH_SCRIPT
@@ -205,13 +206,13 @@ class Enricher:
     ) -> None:
         self.keys = Keys(prefix)
         self.config = config
-        self._client = aioredis.Redis.from_url(
+        self._client = with_fast_packing(aioredis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             health_check_interval=0,
             retry_on_timeout=False,
-        )
+        ))
         self._skip_until = 0.0
         # Writes queued by `write_back_soon` and not sent yet, and the timer that sends them
         # on their own when no enrich takes them first.

@@ -22,6 +22,7 @@ from router_worker.config import RoutingConfig
 from router_worker.enrich import WRITE_BACK_DELAY_S, Enricher, Keys
 from router_worker.events import RoutingRequested
 from router_worker.metrics import create_metrics
+from router_worker.redis_wire import with_fast_packing
 from router_worker.state.health import open_value
 from router_worker.state.perf import PERF_SCRIPT, ewma
 from router_worker.state.ratelimit import BUCKET_SCRIPT, take
@@ -266,3 +267,22 @@ async def test_writes_go_on_their_own_when_no_batch_follows(
         assert await redis_client.get(keys.session("default", "s-alone")) is not None
     finally:
         await enricher.stop()
+
+
+async def test_the_enrichers_faster_packing_round_trips_through_redis(
+    isolated: dict[str, str], redis_client: aioredis.Redis,
+) -> None:
+    settings = settings_from(isolated)
+    client = with_fast_packing(aioredis.Redis.from_url(settings.redis_url.get_secret_value()))
+    keys = [f"{settings.redis_prefix}wire:{i}" for i in range(300)]
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            for i, key in enumerate(keys):
+                pipe.set(key, f"value-\u00e9-{i}".encode(), ex=60)
+            await pipe.execute()
+        expected = [f"value-\u00e9-{i}".encode() for i in range(300)]
+        assert await client.mget(keys) == expected
+        assert await redis_client.mget(keys) == expected  # a plain redis-py client agrees
+        assert await client.eval("return #KEYS + #ARGV", 2, keys[0], keys[1], 7, b"x") == 4
+    finally:
+        await client.aclose()
