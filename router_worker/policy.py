@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from router_worker.classify.engine import Prediction
 from router_worker.config import ModelSpec, RoutingConfig, TenantSpec
 from router_worker.errors import ErrorCode, RequestRejected
-from router_worker.events import Constraints, RoutingRequested
+from router_worker.events import NO_CONSTRAINTS, Constraints, RoutingRequested
 from router_worker.frozen import frozen
 
 MAX_FALLBACKS = 4
 TOP_ALTERNATIVES = 3
+# Distinct confidences whose scored alternatives a ranking keeps (the keyword tier has a few
+# dozen; a learned engine's are continuous and mostly miss).
+_SCORED_MAX = 64
 
 
 @frozen
@@ -83,6 +86,7 @@ class Choice:
     model: str
     provider: str
     policy: str
+    # fallbacks, alternatives and skipped may be shared with other decisions: read-only
     fallbacks: list[str]
     alternatives: list[tuple[str, float]]
     reason: str
@@ -92,14 +96,33 @@ class Choice:
     preferred: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class _Ranking:
-    """The token-independent part of a decision: which models, in what order, and why."""
+    """The token-independent part of a decision: which models, in what order, and why.
+
+    Shared by every request of a batch with the same memo key, so its lists are read-only.
+    """
 
     order: tuple[str, ...]
     eligible: tuple[str, ...]
-    skipped: tuple[tuple[str, str], ...]
+    skipped: list[tuple[str, str]]
     reason: str
+    spec: ModelSpec  # the chosen model's
+    fallbacks: list[str]
+    # (model, share of the classifier's confidence) of the runners-up
+    weights: tuple[tuple[str, float], ...]
+    # scored alternatives per confidence: a batch's predictions share few confidence values
+    scored: dict[float, list[tuple[str, float]]] = field(default_factory=dict)
+
+    def alternatives(self, confidence: float) -> list[tuple[str, float]]:
+        """The runners-up with scores: the policy's preference order, scaled by how sure the
+        classifier was."""
+        found = self.scored.get(confidence)
+        if found is None:
+            found = [(name, round(confidence * weight, 4)) for name, weight in self.weights]
+            if len(self.scored) < _SCORED_MAX:
+                self.scored[confidence] = found
+        return found
 
 
 # Per-batch memo of rankings: requests of one batch share tenant, health and demotions, so
@@ -150,7 +173,11 @@ def _rank(
               + "".join(f"{note}; " for note in notes)
               + (f"skipped {', '.join(f'{m} ({w})' for m, w in skipped)}" if skipped
                  else "first choice eligible"))
-    return _Ranking(tuple(order), tuple(eligible), tuple(skipped), reason)
+    slots = len(order) + 1
+    weights = tuple((name, 1.0 - (rank + 1) / slots)
+                    for rank, name in enumerate(eligible[1:1 + TOP_ALTERNATIVES]))
+    return _Ranking(tuple(order), tuple(eligible), skipped, reason, config.models[eligible[0]],
+                    eligible[1:1 + MAX_FALLBACKS], weights)
 
 
 def decide(
@@ -170,7 +197,8 @@ def decide(
     ranking: _Ranking | None = None
     # Tokens only matter through context windows (constraints are off): below the smallest
     # window every request of a key ranks alike. A downgrade sorts by cost, so never memoised.
-    if (memo is not None and not ctx.downgrade and _plain(request.constraints)
+    if (memo is not None and not ctx.downgrade
+            and (request.constraints is NO_CONSTRAINTS or _plain(request.constraints))
             and input_tokens + output_tokens <= config.smallest_context_window):
         key = (prediction.category, prediction.complexity, policy, ctx.models_override,
                ctx.tenant, ctx.unhealthy, ctx.demoted, ctx.session_model)
@@ -179,19 +207,12 @@ def decide(
         ranking = _rank(request, prediction, ctx, config, policy, input_tokens, output_tokens)
         if key is not None and memo is not None:
             memo[key] = ranking
-    eligible = ranking.eligible
-    model = eligible[0]
-    # Scores reflect the policy's preference order, scaled by how sure the classifier was.
-    confidence, slots = prediction.confidence, len(ranking.order) + 1
-    alternatives = [
-        (name, round(confidence * (1.0 - (rank + 1) / slots), 4))
-        for rank, name in enumerate(eligible[1:1 + TOP_ALTERNATIVES])
-    ]
-    spec = config.models[model]
+    spec = ranking.spec
+    # The lists are the ranking's, shared by the requests of a batch that rank alike.
     return Choice(
-        model=model, provider=spec.provider, policy=policy,
-        fallbacks=list(eligible[1:1 + MAX_FALLBACKS]), alternatives=alternatives,
+        model=ranking.eligible[0], provider=spec.provider, policy=policy,
+        fallbacks=ranking.fallbacks, alternatives=ranking.alternatives(prediction.confidence),
         reason=ranking.reason,
         estimated_cost_usd=round(spec.cost(input_tokens, output_tokens), 8),
-        skipped=list(ranking.skipped), preferred=ranking.order[0],
+        skipped=ranking.skipped, preferred=ranking.order[0],
     )

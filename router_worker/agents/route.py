@@ -49,6 +49,8 @@ class Outgoing:
 
 def propagate_headers(inbound: Inbound, request_id: str) -> list[tuple[str, bytes]]:
     """Keep tracing headers; every event gets a correlation_id (the request_id by default)."""
+    if not inbound.headers:  # most requests: nothing to keep
+        return [("correlation_id", request_id.encode())]
     kept = [(k, v) for k, v in inbound.headers if k in PROPAGATED_HEADERS]
     if not any(k == "correlation_id" for k, _ in kept):
         kept.append(("correlation_id", request_id.encode()))
@@ -64,6 +66,19 @@ def _correlation_id(headers: list[tuple[str, bytes]]) -> str | None:
 
 def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000, 3)
+
+
+@frozen
+class _Shared:
+    """What every decision of one batch shares."""
+
+    now: datetime
+    degraded: list[str]
+    enrich_ms: float
+    classify_ms: float
+    version: str  # the classifier version stamped on the decisions
+    enrichment: Enrichment
+    plan: BatchPlan
 
 
 class Router:
@@ -119,7 +134,9 @@ class Router:
             if isinstance(item, Rejected):
                 out[index] = self._failed(batch[index], item, now)
         stage_ms = {"enrich": _ms(started, enriched), "classify": _ms(enriched, classified)}
-        degraded = enrichment.degraded + cascade.degraded
+        # No await from here to the last decision: what the batch's decisions share holds.
+        shared = _Shared(now, enrichment.degraded + cascade.degraded, stage_ms["enrich"],
+                         stage_ms["classify"], self.cascade.version, enrichment, plan)
         for (index, request), text, prediction, over in zip(
             valid, texts, predictions, limited, strict=True
         ):
@@ -130,17 +147,7 @@ class Router:
                                     request.created_at)
                 out[index] = self._failed(batch[index], rejected, now)
                 continue
-            out[index] = self._decide(
-                batch[index],
-                request,
-                len(text),
-                prediction,
-                enrichment,
-                degraded,
-                stage_ms,
-                now,
-                plan,
-            )
+            out[index] = self._decide(batch[index], request, len(text), prediction, shared)
         decided = time.monotonic()
         self._observe_queue(batch, now)
         if valid:  # a batch of only bad records never asked Redis: health is unknown
@@ -165,11 +172,7 @@ class Router:
         request: RoutingRequested,
         text_chars: int,
         prediction: Prediction,
-        enrichment: Enrichment,
-        degraded: list[str],
-        stage_ms: dict[str, float],
-        now: datetime,
-        plan: BatchPlan,
+        shared: _Shared,
     ) -> Outgoing:
         if request.task_hint is not None:
             prediction = Prediction(
@@ -180,7 +183,9 @@ class Router:
                 complexity_confidence=prediction.complexity_confidence,
                 tier=prediction.tier,
             )
-        tenant = enrichment.tenants.get(request.tenant_id) or self.config.tenant(request.tenant_id)
+        plan = shared.plan
+        tenant = (shared.enrichment.tenants.get(request.tenant_id)
+                  or self.config.tenant(request.tenant_id))
         try:
             ctx, assignment = plan.context(request, prediction.category, tenant)
             choice = decide(request, prediction, ctx, self.config, text_chars, plan.decisions)
@@ -193,19 +198,10 @@ class Router:
                 None,
                 request.created_at,
             )
-            return self._failed(inbound, rejected, now)
+            return self._failed(inbound, rejected, shared.now)
         plan.chosen(request, choice, assignment)
-        queue_ms = max(0.0, now.timestamp() * 1000 - inbound.timestamp_ms)
-        return self._completed(
-            inbound,
-            request,
-            prediction,
-            choice,
-            degraded,
-            {**stage_ms, "queue": round(queue_ms, 3)},
-            now,
-            store_prompt=tenant.store_prompts,
-        )
+        return self._completed(inbound, request, prediction, choice, shared,
+                               store_prompt=tenant.store_prompts)
 
     def _completed(
         self,
@@ -213,13 +209,14 @@ class Router:
         request: RoutingRequested,
         prediction: Prediction,
         choice: Choice,
-        degraded: list[str],
-        stage_ms: dict[str, float],
-        now: datetime,
+        shared: _Shared,
         *,
         store_prompt: bool = False,
     ) -> Outgoing:
-        total = stage_ms["queue"] + stage_ms["enrich"] + stage_ms["classify"]
+        now = shared.now
+        queue = round(max(0.0, now.timestamp() * 1000 - inbound.timestamp_ms), 3)
+        # StrEnum members are their values: orjson and the metric labels take them as they are
+        tier = prediction.tier
         event: dict[str, Any] = {
             "request_id": request.request_id,
             "tenant_id": request.tenant_id,
@@ -232,13 +229,18 @@ class Router:
                 "category": prediction.category,
                 "complexity": prediction.complexity,
                 "confidence": round(prediction.confidence, 4),
-                "tier": prediction.tier.value,
+                "tier": tier,
                 "reason": choice.reason,
                 "estimated_cost_usd": choice.estimated_cost_usd,
             },
-            "classifier_version": self.cascade.version,
-            "degraded": degraded,
-            "timings_ms": {**stage_ms, "total": round(total, 3)},
+            "classifier_version": shared.version,
+            "degraded": shared.degraded,
+            "timings_ms": {
+                "enrich": shared.enrich_ms,
+                "classify": shared.classify_ms,
+                "queue": queue,
+                "total": round(queue + shared.enrich_ms + shared.classify_ms, 3),
+            },
             "created_at": request.created_at,
             "decided_at": now,
         }
@@ -252,7 +254,7 @@ class Router:
                 correlation_id=_correlation_id(headers),
                 tenant_id=request.tenant_id,
                 model=choice.model,
-                tier=prediction.tier.value,
+                tier=tier,
                 policy=choice.policy,
             )
         return Outgoing(
@@ -263,7 +265,7 @@ class Router:
             request.request_id,
             "completed",
             request.tenant_id,
-            (prediction.tier.value, choice.model, prediction.category, choice.policy),
+            (tier, choice.model, prediction.category, choice.policy),
             choice.estimated_cost_usd,
             self._fallback(choice),
         )

@@ -146,7 +146,8 @@ def test_a_batch_memo_gives_the_same_decisions_as_deciding_each_request_alone() 
             downgrade=rng.random() < 0.2,
         )
         request = _request(constraints=rng.choice(constraints))
-        prediction = Prediction(category, complexity, rng.random())
+        # repeated confidences too: a ranking keeps the scored alternatives of each
+        prediction = Prediction(category, complexity, rng.choice([0.55, 0.7, rng.random()]))
         chars = rng.choice([40, 400, 4000, 200_000])
         assert _outcome(request, prediction, ctx, chars, memo) == _outcome(
             request, prediction, ctx, chars, None)
