@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import field
 from typing import Protocol, runtime_checkable
 
@@ -16,7 +17,7 @@ class Prediction:
     category: str
     complexity: str
     confidence: float
-    scores: dict[str, float] = field(default_factory=dict)
+    scores: Mapping[str, float] = field(default_factory=dict)  # read-only: may be shared
     complexity_confidence: float = 1.0
     tier: Tier = Tier.CLASSIFIER
 

@@ -6,6 +6,7 @@ import hashlib
 import re
 from array import array
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -51,6 +52,10 @@ _CUE_LITERALS = (
 )
 _STRUCTURE = re.compile(r"```|^\s*(?:\d+[.)]|[-*])\s", re.MULTILINE)
 _LIST_START = re.compile(r"\s*(?:\d+[.)]|[-*])\s")
+# A prompt without a phrase hit gets the default category with uniform scores (one shared,
+# read-only mapping).
+_UNIFORM = 1.0 / len(CATEGORIES)
+_UNIFORM_SCORES: Mapping[str, float] = MappingProxyType(dict.fromkeys(CATEGORIES, _UNIFORM))
 # Words seen before skip the fuzzy matcher: natural language reuses a small vocabulary, so after
 # warm-up almost every word is a dictionary hit. Cleared when full, so memory stays bounded.
 _FUZZY_MEMO_MAX = 200_000
@@ -180,6 +185,7 @@ class KeywordEngine:
         ordered = sorted(self._owner, key=len, reverse=True)  # longest phrase wins the match
         self._phrases = ordered
         self._phrase_id = {phrase: i for i, phrase in enumerate(ordered)}
+        self._owner_of = [self._owner[phrase] for phrase in ordered]  # by phrase id
         self._exact = (
             re.compile(r"(?<!\w)(" + phrase_pattern(ordered) + r")(?!\w)")
             if ordered
@@ -277,37 +283,36 @@ class KeywordEngine:
         return memo
 
     def _predict(self, text: str, scan: TextScan) -> Prediction:
-        n = len(CATEGORIES)
-        exact_votes = [0] * n
-        owner = self._owner
-        for phrase_id in scan.phrases:
-            for index in owner[self._phrases[phrase_id]]:
-                exact_votes[index] += 1
-        # Exact hits count double so a clean match beats a near-miss.
-        total = [2 * v for v in exact_votes]
-        for near in scan.near:
-            for index in owner[near]:
-                total[index] += 1
         complexity, complexity_conf = complexity_from(text, scan.word_count, scan.cues)
-        mass = sum(total)
-        if not mass:
-            uniform = 1.0 / n
+        if not scan.phrases and not scan.near:  # no vote: the default category
             return Prediction(
                 category=self._default,
                 complexity=complexity,
-                confidence=uniform,
-                scores=dict.fromkeys(CATEGORIES, uniform),
+                confidence=_UNIFORM,
+                scores=_UNIFORM_SCORES,
                 complexity_confidence=complexity_conf,
                 tier=Tier.DEFAULT,
             )
-        best = max(range(n), key=total.__getitem__)  # first of equals, like argmax
+        # Exact hits count double so a clean match beats a near-miss.
+        votes = [0] * len(CATEGORIES)
+        for phrase_id in scan.phrases:
+            for index in self._owner_of[phrase_id]:
+                votes[index] += 2
+        exact = votes.copy() if scan.near else votes
+        owner = self._owner
+        for near in scan.near:
+            for index in owner[near]:
+                votes[index] += 1
+        mass = sum(votes)
+        top = max(votes)
+        best = votes.index(top)  # first of equals, like argmax
         return Prediction(
             category=CATEGORIES[best],
             complexity=complexity,
-            confidence=min(0.4 + 0.6 * total[best] / mass, 0.95),
-            scores={c: v / mass for c, v in zip(CATEGORIES, total, strict=True)},
+            confidence=min(0.4 + 0.6 * top / mass, 0.95),
+            scores={c: v / mass for c, v in zip(CATEGORIES, votes, strict=True)},
             complexity_confidence=complexity_conf,
-            tier=Tier.KEYWORD if exact_votes[best] > 0 else Tier.FUZZY,
+            tier=Tier.KEYWORD if exact[best] > 0 else Tier.FUZZY,
         )
 
 
