@@ -1,7 +1,7 @@
 /*
  * The keyword tier's text scan, compiled: one call per prompt finds the configured phrases, the
- * complexity cues, the words' near-misses known to the fuzzy memo (and the words it does not
- * know yet), and the prompt's word count.
+ * complexity cues (cue words; code fences and list items), the words' near-misses known to the
+ * fuzzy memo (and the words it does not know yet), and the prompt's word count.
  *
  * Why C: in Python each of those is a separate `re` scan (or str.split), each near the floor
  * of what `re` can do per character, and together they were ~25 us of the tier's ~31 us per
@@ -26,6 +26,8 @@
 
 #define TRIE_CAPSULE "router_worker.keyword_trie"
 #define MIN_WORD_LEN 5
+/* keyword.py's _STRUCTURE_CHARS: how far structural cues are looked for */
+#define STRUCTURE_CHARS 4000
 
 typedef struct {
     int32_t first;
@@ -314,6 +316,58 @@ find_words(PyObject *text, const unsigned char *flags, Py_ssize_t n, PyObject *m
     return 0;
 }
 
+/* len(_STRUCTURE.findall(text[:STRUCTURE_CHARS])) for the regex
+ *     ```|^\s*(?:\d+[.)]|[-*])\s      (re.MULTILINE)
+ * Left to right, non-overlapping: a fence first, else at a line start (position 0 or after
+ * '\n') whitespace, then digits and '.' or ')', or '-' or '*', then one whitespace. Neither
+ * branch can backtrack into a different match (the character after greedy whitespace or digits
+ * decides), so one forward pass gives the regex's matches. */
+static Py_ssize_t
+count_structure(PyObject *text)
+{
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text), count = 0, p = 0;
+    if (n > STRUCTURE_CHARS) {
+        n = STRUCTURE_CHARS;
+    }
+    while (p < n) {
+        if (p + 2 < n && PyUnicode_READ(kind, data, p) == '`'
+            && PyUnicode_READ(kind, data, p + 1) == '`' && PyUnicode_READ(kind, data, p + 2) == '`') {
+            count++;
+            p += 3;
+            continue;
+        }
+        if (p == 0 || PyUnicode_READ(kind, data, p - 1) == '\n') {
+            Py_ssize_t q = p;
+            while (q < n && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, q))) {
+                q++;
+            }
+            int marker = 0;
+            if (q < n && Py_UNICODE_ISDECIMAL(PyUnicode_READ(kind, data, q))) {
+                while (q < n && Py_UNICODE_ISDECIMAL(PyUnicode_READ(kind, data, q))) {
+                    q++;
+                }
+                if (q < n) {
+                    Py_UCS4 ch = PyUnicode_READ(kind, data, q);
+                    marker = ch == '.' || ch == ')';
+                }
+            }
+            else if (q < n) {
+                Py_UCS4 ch = PyUnicode_READ(kind, data, q);
+                marker = ch == '-' || ch == '*';
+            }
+            if (marker && q + 1 < n && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, q + 1))) {
+                count++;
+                p = q + 2;
+                continue;
+            }
+        }
+        p++;
+    }
+    return count;
+}
+
 /* len(text.split()) without building the pieces. */
 static Py_ssize_t
 count_split(PyObject *text)
@@ -341,10 +395,10 @@ trie_from(PyObject *capsule)
 }
 
 /* scan(phrases, cues, memo, text, lowered)
- *     -> (phrase ids, near-miss phrase words, fresh words, cue count, word count)
+ *     -> (phrase ids, near-miss phrase words, fresh words, cue count, word count, structure)
  *
  * `lowered` is the clipped, lower-cased text every match runs on; the word count is of the
- * whole `text`, as estimate_complexity counts it. With `memo` None the words are not looked
+ * whole `text`, as estimate_complexity counts it, and the structural cues of its head. With `memo` None the words are not looked
  * at (an engine without phrase words to be near). */
 static PyObject *
 scan(PyObject *Py_UNUSED(module), PyObject *args)
@@ -387,7 +441,8 @@ scan(PyObject *Py_UNUSED(module), PyObject *args)
         Py_XDECREF(fresh);
     }
     else {
-        result = Py_BuildValue("(NNNnn)", ids, near, fresh, cue_count, count_split(text));
+        result = Py_BuildValue("(NNNnnn)", ids, near, fresh, cue_count, count_split(text),
+                               count_structure(text));
     }
     if (flags != small) {
         PyMem_Free(flags);

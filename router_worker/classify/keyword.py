@@ -51,6 +51,7 @@ _CUE_LITERALS = (
     "essay", "report", "plan",
 )
 _STRUCTURE = re.compile(r"```|^\s*(?:\d+[.)]|[-*])\s", re.MULTILINE)
+_STRUCTURE_CHARS = 4000  # _keyword_scan.c has the same bound
 _LIST_START = re.compile(r"\s*(?:\d+[.)]|[-*])\s")
 # A prompt without a phrase hit gets the default category with uniform scores (one shared,
 # read-only mapping).
@@ -129,6 +130,7 @@ class TextScan(NamedTuple):
     fresh: list[str]  # words the fuzzy memo has not seen yet
     cues: int  # complexity cues (_COMPLEX_WORDS) in the clipped text
     word_count: int  # len(text.split()) of the whole text
+    structure: int  # structure_cues(text): code fences and list items
 
 
 def estimate_complexity(text: str, lowered: str | None = None) -> tuple[str, float]:
@@ -138,16 +140,21 @@ def estimate_complexity(text: str, lowered: str | None = None) -> tuple[str, flo
     """
     if lowered is None:
         lowered = text[:_MAX_CHARS].lower()
-    return complexity_from(text, len(text.split()), len(_COMPLEX_WORDS.findall(lowered)))
+    cues = len(_COMPLEX_WORDS.findall(lowered)) + structure_cues(text)
+    return complexity_from(text, len(text.split()), cues)
+
+
+def structure_cues(text: str) -> int:
+    """Code fences and list items in the first _STRUCTURE_CHARS characters."""
+    head = text[:_STRUCTURE_CHARS]
+    if "\n" in head or "`" in head:
+        return len(_STRUCTURE.findall(head))
+    # one line, no fences: only the start can be a list item
+    return 1 if _LIST_START.match(head) else 0
 
 
 def complexity_from(text: str, word_count: int, cues: int) -> tuple[str, float]:
-    """`estimate_complexity` once the words and the cue words are counted."""
-    head = text[:4000]
-    if "\n" in head or "`" in head:
-        cues += len(_STRUCTURE.findall(head))
-    elif _LIST_START.match(head):  # one line, no fences: only the start can be a list item
-        cues += 1
+    """`estimate_complexity` once the words and the cues (words and structure) are counted."""
     questions = text.count("?")
     score = word_count / 60 + 0.5 * cues + 0.25 * max(questions - 1, 0)
     if score >= 1.0:
@@ -242,7 +249,8 @@ class KeywordEngine:
                 elif (phrase := memo[word]) is not None:
                     near.append(phrase)
         return TextScan(
-            phrases, near, fresh, len(_COMPLEX_WORDS.findall(lowered)), len(text.split())
+            phrases, near, fresh, len(_COMPLEX_WORDS.findall(lowered)), len(text.split()),
+            structure_cues(text),
         )
 
     def classify(self, texts: list[str]) -> list[Prediction]:
@@ -283,7 +291,8 @@ class KeywordEngine:
         return memo
 
     def _predict(self, text: str, scan: TextScan) -> Prediction:
-        complexity, complexity_conf = complexity_from(text, scan.word_count, scan.cues)
+        complexity, complexity_conf = complexity_from(text, scan.word_count,
+                                                      scan.cues + scan.structure)
         if not scan.phrases and not scan.near:  # no vote: the default category
             return Prediction(
                 category=self._default,

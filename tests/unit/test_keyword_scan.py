@@ -36,6 +36,9 @@ FRAGMENTS = [
     "stack", "pytho", "kubernetse", "helloo", " ", "  ", "\n", "\t", "\u3000", "\x85", "\x1c",
     "-", "_", "/", "+", ".", "?", "`", "1", "٣", "²", "é", "ß", "İ", "中文", "ǅ", "ŉ", "\u0301",
     "a", "xyz", "abcde", "Python", "ÉCOLE",
+    # structure: fences, list markers at line starts, whitespace the regex's \s and ^ differ on
+    "```", "``", "*", ")", "12", "\n- ", "\n1. ", "\n  * ", "\r", "\u2028", "\x0b", "\x0c",
+    "\u2003",
 ]
 text_strategy = st.lists(
     st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=3)), max_size=40
@@ -94,6 +97,27 @@ def test_a_long_text_is_scanned_past_the_stack_buffer() -> None:
     native = KeywordEngine(PHRASES, native=True)
     text = "python stack trace on kubernetes, step by step analysis " * 400
     assert native.scan(text, text) == native.scan_reference(text, text)
+
+
+@needs_native
+@pytest.mark.parametrize("text", [
+    "1. one\n2) two\n- three\n* four\n```py\nx\n```",
+    "- a list item first",
+    " \n\n  - after blank lines\n-no space\n٣. eastern digits",
+    "```" * 2000,  # fences past the structure bound count only up to it
+    "x" * 3999 + "\n- ",
+    "\n" * 3998 + "- ",
+])
+def test_structure_is_counted_the_same_compiled_and_by_regex(text: str) -> None:
+    native = KeywordEngine(PHRASES, native=True)
+    assert native.scan(text, text) == native.scan_reference(text, text)
+
+
+@needs_native
+def test_fences_and_list_items_are_structure() -> None:
+    native = KeywordEngine(PHRASES, native=True)
+    text = "1. one\n2) two\n- three\n* four\n-five\n```py\nx\n```"
+    assert native.scan(text, text).structure == 6
 
 
 @needs_native
