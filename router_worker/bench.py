@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from router_worker import bench_peer, topics
 from router_worker.commands.admin import apply_topics
+from router_worker.config import load_config
 from router_worker.embedded import EmbeddedStack, free_port, resolve_stack
 from router_worker.enrich import drop_keys
 from router_worker.kafka import consumer_options, group_consumer_options, producer_options
@@ -818,6 +819,11 @@ async def run_bench(
         "offered_rate": rate,
         "latency_requests": len(latencies),
         "engine": engine,
+        # Whether the workers used the decision cache (routing config `cache.enabled`; `auto`
+        # uses it with a learned engine only). Unique prompts never hit it; this says whether
+        # they paid for the lookups.
+        "decision_cache": load_config(settings_for(base).config).cache.active(
+            engine != "keyword"),
         "requests": requests,
         "sink_rows_per_s": throughput.sink_rows_per_s,
         # Cores each process kept busy while the pipeline ran (`other`: Postgres, Redis, ...).

@@ -332,7 +332,7 @@ class Enricher:
         tenant_ids = sorted({r.tenant_id for r in requests})
         sessions = sorted({(r.tenant_id, r.session_id) for r in requests if r.session_id}) if (
             config.affinity.enabled) else []
-        keys = sorted(set(cache_keys)) if config.cache.enabled else []
+        keys = sorted(set(cache_keys))  # none when the batch does not use the cache
         budgeted = [t for t in tenant_ids if config.budgets.enabled]
         limits = {t: bucket_size(config.tenant(t)) for t in tenant_ids} if (
             config.rate_limits.enabled) else {}

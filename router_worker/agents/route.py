@@ -113,7 +113,8 @@ class Router:
         requests = [d for _, d in valid]
 
         texts = [r.text() for r in requests]
-        plan = BatchPlan(self.config, requests, texts, self.cascade.version)
+        plan = BatchPlan(self.config, requests, texts, self.cascade.version,
+                         self.config.cache.active(self.cascade.engine is not None))
         enrichment = await self._enrich(requests, plan.keys)
         plan.use(enrichment)
         enriched = time.monotonic()

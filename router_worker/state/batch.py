@@ -23,14 +23,14 @@ class BatchPlan:
 
     def __init__(
         self, config: RoutingConfig, requests: Sequence[RoutingRequested], texts: Sequence[str],
-        classifier_version: str,
+        classifier_version: str, use_cache: bool,
     ) -> None:
         self.config = config
         # config.version hashes the whole config file, so any change makes new keys
         version = f"{config.version}:{classifier_version}"
         self.keys: list[str] = (
             [cache_key(r.tenant_id, version, t) for r, t in zip(requests, texts, strict=True)]
-            if config.cache.enabled else []
+            if use_cache else []
         )
         self.writes = WriteBack(pin_ttl_s=config.affinity.ttl_s, cache_ttl_s=config.cache.ttl_s)
         self.enrichment = Enrichment()

@@ -35,6 +35,7 @@ def test_bench_prints_the_documented_json_keys(stack_env: dict[str, str], tmp_pa
     assert set(result["latency_ms"]) == {"p50", "p95", "p99"}
     assert set(result["passthrough_latency_ms"]) == {"p50", "p95", "p99"}
     assert result["engine"] == "keyword"
+    assert result["decision_cache"] is False  # auto: the keyword tier alone does not cache
     assert result["partitions"] == 2  # the flag wins over the environment's 4
     assert result["offered_rate"] == 100
     assert result["pipeline_per_s"] > 0

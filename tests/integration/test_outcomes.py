@@ -84,7 +84,8 @@ async def test_failures_open_the_breaker_and_outcomes_land_in_postgres(
 async def test_cache_session_affinity_and_its_ttl(
     isolated: dict[str, str], workdir: Path,
 ) -> None:
-    env = {**isolated, "ROUTER_CONFIG": str(write_config(workdir, affinity={"ttl_s": 2}))}
+    config = write_config(workdir, affinity={"ttl_s": 2}, cache={"enabled": True})
+    env = {**isolated, "ROUTER_CONFIG": str(config)}
     worker = WorkerProcess(env, workdir).start()
     try:
         await worker.wait_ready()

@@ -81,7 +81,7 @@ async def test_a_batch_with_every_feature_costs_one_round_trip_its_writes_ride_t
     isolated: dict[str, str], tmp_path: Path, redis_client: aioredis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    config = config_with(tmp_path)
+    config = config_with(tmp_path, cache={"enabled": True})  # on for the keyword tier too
     router, enricher = _router(isolated, config)
     keys = Keys(settings_from(isolated).redis_prefix)
     now = time.time()
@@ -286,3 +286,21 @@ async def test_the_enrichers_faster_packing_round_trips_through_redis(
         assert await client.eval("return #KEYS + #ARGV", 2, keys[0], keys[1], 7, b"x") == 4
     finally:
         await client.aclose()
+
+
+async def test_the_keyword_tier_alone_leaves_the_cache_off_by_default(
+    isolated: dict[str, str], tmp_path: Path, redis_client: aioredis.Redis,
+) -> None:
+    config = config_with(tmp_path)  # cache: enabled: auto
+    router, enricher = _router(isolated, config)
+    batch = [_inbound({"request_id": f"r{i}", "prompt": "Write a python function"}, i)
+             for i in range(5)]
+    try:
+        await router.route(batch)
+        again = await router.route(batch)
+        await enricher.flush()
+    finally:
+        await enricher.stop()
+    assert {orjson.loads(o.value)["decision"]["tier"] for o in again} == {"keyword"}
+    prefix = settings_from(isolated).redis_prefix
+    assert not [k async for k in redis_client.scan_iter(match=f"{prefix}cache:*")]

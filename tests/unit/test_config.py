@@ -79,3 +79,24 @@ def test_config_version_changes_with_content(raw: dict[str, Any], tmp_path: Path
     second = tmp_path / "b.yaml"
     second.write_text(yaml.safe_dump(raw))
     assert load_config(first).version != load_config(second).version
+
+
+@pytest.mark.parametrize(("enabled", "learned", "keyword_only"), [
+    ("auto", True, False), (True, True, True), (False, False, False),
+])
+def test_the_decision_cache_is_on_for_a_learned_engine_unless_set(
+    raw: dict[str, Any], enabled: object, learned: bool, keyword_only: bool,
+) -> None:
+    raw["cache"] = {"enabled": enabled}
+    cache = parse_config(raw).cache
+    assert cache.active(learned_engine=True) is learned
+    assert cache.active(learned_engine=False) is keyword_only
+
+
+def test_the_decision_cache_defaults_to_auto_and_refuses_other_words(
+    raw: dict[str, Any],
+) -> None:
+    assert parse_config(raw).cache.enabled == "auto"
+    raw["cache"] = {"enabled": "sometimes"}
+    with pytest.raises(ConfigError, match=r"cache\.enabled"):
+        parse_config(raw)
