@@ -73,6 +73,8 @@ class _Shared:
     """What every decision of one batch shares."""
 
     now: datetime
+    now_ms: float  # `now` in epoch milliseconds
+    decided_at: str  # `now` as orjson writes a datetime: the same bytes, formatted once
     degraded: list[str]
     enrich_ms: float
     classify_ms: float
@@ -136,7 +138,8 @@ class Router:
                 out[index] = self._failed(batch[index], item, now)
         stage_ms = {"enrich": _ms(started, enriched), "classify": _ms(enriched, classified)}
         # No await from here to the last decision: what the batch's decisions share holds.
-        shared = _Shared(now, enrichment.degraded + cascade.degraded, stage_ms["enrich"],
+        shared = _Shared(now, now.timestamp() * 1000, orjson.dumps(now)[1:-1].decode(),
+                         enrichment.degraded + cascade.degraded, stage_ms["enrich"],
                          stage_ms["classify"], self.cascade.version, enrichment, plan)
         for (index, request), text, prediction, over in zip(
             valid, texts, predictions, limited, strict=True
@@ -214,8 +217,7 @@ class Router:
         *,
         store_prompt: bool = False,
     ) -> Outgoing:
-        now = shared.now
-        queue = round(max(0.0, now.timestamp() * 1000 - inbound.timestamp_ms), 3)
+        queue = round(max(0.0, shared.now_ms - inbound.timestamp_ms), 3)
         # StrEnum members are their values: orjson and the metric labels take them as they are
         tier = prediction.tier
         event: dict[str, Any] = {
@@ -243,7 +245,7 @@ class Router:
                 "total": round(queue + shared.enrich_ms + shared.classify_ms, 3),
             },
             "created_at": request.created_at,
-            "decided_at": now,
+            "decided_at": shared.decided_at,
         }
         if store_prompt:  # opt-in per tenant: the training set for `dataset export`
             event["prompt"] = request.text()
