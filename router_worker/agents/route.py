@@ -68,6 +68,17 @@ def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000, 3)
 
 
+def _to_microsecond(ms: float) -> float:
+    """A non-negative duration in ms to three decimals, half up: what `round(ms, 3)` gives
+    unless the value sits within a rounding error of a half, in a third of its time (round
+    renders the float as decimal digits)."""
+    return int(ms * 1000.0 + 0.5) / 1000.0
+
+
+# Confidences rounded for the event, memoised: the keyword tier's take a few dozen values.
+_ROUNDED_MAX = 4096
+
+
 @frozen
 class _Shared:
     """What every decision of one batch shares."""
@@ -102,6 +113,7 @@ class Router:
         self.completed_topic = settings.topic(topics.COMPLETED)
         self.failed_topic = settings.topic(topics.FAILED)
         self._unhealthy_seen: frozenset[str] | None = None
+        self._rounded: dict[float, float] = {}
         # Checked once: even a filtered structlog call costs a logger bind per request.
         self._log_decisions = settings.log_level == "debug"
 
@@ -217,7 +229,8 @@ class Router:
         *,
         store_prompt: bool = False,
     ) -> Outgoing:
-        queue = round(max(0.0, shared.now_ms - inbound.timestamp_ms), 3)
+        waited = shared.now_ms - inbound.timestamp_ms
+        queue = _to_microsecond(waited) if waited > 0.0 else 0.0
         # StrEnum members are their values: orjson and the metric labels take them as they are
         tier = prediction.tier
         event: dict[str, Any] = {
@@ -231,7 +244,7 @@ class Router:
                 "policy": choice.policy,
                 "category": prediction.category,
                 "complexity": prediction.complexity,
-                "confidence": round(prediction.confidence, 4),
+                "confidence": self._rounded_confidence(prediction.confidence),
                 "tier": tier,
                 "reason": choice.reason,
                 "estimated_cost_usd": choice.estimated_cost_usd,
@@ -242,7 +255,7 @@ class Router:
                 "enrich": shared.enrich_ms,
                 "classify": shared.classify_ms,
                 "queue": queue,
-                "total": round(queue + shared.enrich_ms + shared.classify_ms, 3),
+                "total": _to_microsecond(queue + shared.enrich_ms + shared.classify_ms),
             },
             "created_at": request.created_at,
             "decided_at": shared.decided_at,
@@ -272,6 +285,14 @@ class Router:
             choice.estimated_cost_usd,
             self._fallback(choice),
         )
+
+    def _rounded_confidence(self, confidence: float) -> float:
+        rounded = self._rounded.get(confidence)
+        if rounded is None:
+            if len(self._rounded) >= _ROUNDED_MAX:
+                self._rounded.clear()
+            rounded = self._rounded[confidence] = round(confidence, 4)
+        return rounded
 
     def _fallback(self, choice: Choice) -> tuple[str, str] | None:
         """(preferred, chosen) when the policy's first model was filtered out."""

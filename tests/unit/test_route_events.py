@@ -5,13 +5,17 @@ from __future__ import annotations
 import time
 
 import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from router_worker.agents.route import Router
+from router_worker.agents.route import Router, _to_microsecond
 from router_worker.classify.cascade import Cascade
 from router_worker.classify.keyword import keyword_engine_from_config
 from router_worker.config import load_config
 from router_worker.events import RoutingCompleted
 from router_worker.metrics import create_metrics
+from router_worker.policy import _to_nano_usd
 from router_worker.settings import Settings
 from router_worker.validate import Inbound
 
@@ -40,9 +44,24 @@ async def test_completed_events_of_a_batch_validate_and_share_their_decision_tim
         assert orjson.dumps(event.decided_at).decode().strip('"') == raw["decided_at"]
         assert event.decided_at.utcoffset() is not None
         timings = event.timings_ms
-        assert timings.total == round(timings.queue + timings.enrich + timings.classify, 3)
+        assert timings.total == pytest.approx(
+            timings.queue + timings.enrich + timings.classify, abs=0.0015)
         assert event.decision.fallbacks[:len(event.decision.alternatives)] == [
             a.model for a in event.decision.alternatives]
         assert outgoing.labels == (event.decision.tier.value, event.decision.model,
                                    event.decision.category.value, event.decision.policy)
         assert outgoing.headers == [("correlation_id", event.request_id.encode())]
+
+
+@given(st.floats(min_value=0, max_value=1e6, allow_nan=False))
+def test_durations_round_to_the_microsecond_as_round_does_away_from_halves(ms: float) -> None:
+    fraction = (ms * 1000) % 1
+    if abs(fraction - 0.5) > 1e-6:  # at a half, round() goes by the exact binary value
+        assert _to_microsecond(ms) == round(ms, 3)
+
+
+@given(st.floats(min_value=0, max_value=10, allow_nan=False))
+def test_costs_round_to_8_decimals_as_round_does_away_from_halves(usd: float) -> None:
+    fraction = (usd * 1e8) % 1
+    if abs(fraction - 0.5) > 1e-6:
+        assert _to_nano_usd(usd) == round(usd, 8)
