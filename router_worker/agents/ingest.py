@@ -120,7 +120,8 @@ def inbound_from_record(record: Any) -> Inbound:
     return Inbound(
         value=record.value,
         key=record.key,
-        headers=tuple((str(k), bytes(v or b"")) for k, v in record.headers or ()),
+        headers=tuple((str(k), bytes(v or b"")) for k, v in record.headers) if record.headers
+        else (),
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,

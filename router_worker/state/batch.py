@@ -99,9 +99,10 @@ class BatchPlan:
                     f"${status.budget_usd:.2f} budget")
             downgrade = True
         unhealthy = enrichment.unhealthy
-        used = enrichment.probes - self._probes_left
-        if used:
-            unhealthy = unhealthy | used
+        if enrichment.probes:  # half-open breakers: a spent probe makes its model unhealthy
+            used = enrichment.probes - self._probes_left
+            if used:
+                unhealthy = unhealthy | used
         assignment = (choose(self.config, request.tenant_id, category, request.request_id,
                              request.session_id) if self.config.experiments else None)
         ctx = Context(
