@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from router_worker.classify.engine import Prediction
 from router_worker.config import ModelSpec, RoutingConfig, TenantSpec
@@ -79,6 +80,13 @@ def candidate_order(
     return order
 
 
+class Alternative(TypedDict):
+    """A runner-up model and its score."""
+
+    model: str
+    score: float
+
+
 @frozen
 class Choice:
     """The policy engine's answer before it is wrapped in an event."""
@@ -88,7 +96,7 @@ class Choice:
     policy: str
     # fallbacks, alternatives and skipped may be shared with other decisions: read-only
     fallbacks: list[str]
-    alternatives: list[tuple[str, float]]
+    alternatives: list[Alternative]  # {"model", "score"}: the completed event's shape
     reason: str
     estimated_cost_usd: float
     skipped: list[tuple[str, str]]
@@ -112,14 +120,15 @@ class _Ranking:
     # (model, share of the classifier's confidence) of the runners-up
     weights: tuple[tuple[str, float], ...]
     # scored alternatives per confidence: a batch's predictions share few confidence values
-    scored: dict[float, list[tuple[str, float]]] = field(default_factory=dict)
+    scored: dict[float, list[Alternative]] = field(default_factory=dict)
 
-    def alternatives(self, confidence: float) -> list[tuple[str, float]]:
+    def alternatives(self, confidence: float) -> list[Alternative]:
         """The runners-up with scores: the policy's preference order, scaled by how sure the
         classifier was."""
         found = self.scored.get(confidence)
         if found is None:
-            found = [(name, round(confidence * weight, 4)) for name, weight in self.weights]
+            found = [{"model": name, "score": round(confidence * weight, 4)}
+                     for name, weight in self.weights]
             if len(self.scored) < _SCORED_MAX:
                 self.scored[confidence] = found
         return found

@@ -240,7 +240,7 @@ class Router:
                 "model": choice.model,
                 "provider": choice.provider,
                 "fallbacks": choice.fallbacks,
-                "alternatives": [{"model": m, "score": s} for m, s in choice.alternatives],
+                "alternatives": choice.alternatives,
                 "policy": choice.policy,
                 "category": prediction.category,
                 "complexity": prediction.complexity,

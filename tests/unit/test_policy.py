@@ -49,8 +49,8 @@ def test_fallbacks_follow_policy_order_then_fallback_policy() -> None:
 def test_alternatives_are_top_three_with_decreasing_scores() -> None:
     choice = _decide("code", "complex")
     assert len(choice.alternatives) == 3
-    assert [m for m, _ in choice.alternatives] == choice.fallbacks[:3]
-    scores = [s for _, s in choice.alternatives]
+    assert [a["model"] for a in choice.alternatives] == choice.fallbacks[:3]
+    scores = [a["score"] for a in choice.alternatives]
     assert scores == sorted(scores, reverse=True)
 
 
