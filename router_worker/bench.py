@@ -216,7 +216,7 @@ async def quix_passthrough(settings: Settings, n: int, timeout: float, log_path:
     await watcher.start()
     command = [sys.executable, "-m", "router_worker.bench_peer",
                settings.kafka_bootstrap, settings.topic(topics.REQUESTED), out_topic,
-               f"{settings.app_id}-quix"]
+               f"{settings.app_id}-quix", str(log_path.parent / "quix-state")]
     with log_path.open("ab") as log:
         peer = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONWARNINGS": "ignore"})

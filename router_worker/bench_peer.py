@@ -1,7 +1,9 @@
 """The peer reference for `router-worker bench`: a Quix Streams passthrough (optional).
 
-`python -m router_worker.bench_peer BOOTSTRAP IN_TOPIC OUT_TOPIC GROUP` runs a stateless Quix
-Streams app that copies every record of IN_TOPIC to OUT_TOPIC as raw bytes, until terminated.
+`python -m router_worker.bench_peer BOOTSTRAP IN_TOPIC OUT_TOPIC GROUP [STATE_DIR]` runs a
+stateless Quix Streams app that copies every record of IN_TOPIC to OUT_TOPIC as raw bytes,
+until terminated. Quix creates a state directory even for a stateless app (`state/` in the
+working directory unless STATE_DIR says where; the bench puts it in its run directory).
 It runs as its own process: Quix's `Application.run` owns its loop and signal handlers. Needs
 the `peers` extra (`pip install 'router-worker[peers]'`); the bench reports null without it.
 """
@@ -27,9 +29,10 @@ def available() -> str | None:
 def main(argv: list[str]) -> None:
     from quixstreams import Application
 
-    bootstrap, source, sink, group = argv
+    bootstrap, source, sink, group, *state_dir = argv
     app = Application(
         broker_address=bootstrap,
+        state_dir=state_dir[0] if state_dir else "state",
         consumer_group=group,
         auto_offset_reset="earliest",
         auto_create_topics=False,

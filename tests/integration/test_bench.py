@@ -61,3 +61,6 @@ def test_bench_prints_the_documented_json_keys(stack_env: dict[str, str], tmp_pa
         assert result["quix_passthrough_per_s"] is None
     else:
         assert result["quix_passthrough_per_s"] > 0
+        # Quix's state directory (it makes one even when stateless) stays in the run directory
+        assert (tmp_path / "quix-state").is_dir()
+        assert not [p for p in (ROOT / "state").glob("*") if p.name.startswith("bench")]
