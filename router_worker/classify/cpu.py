@@ -403,6 +403,34 @@ class StaticEncoder:
         )
 
 
+def add_parts(out: F32, gathered: F32, parts: Sequence[tuple[I64, I64, F32]]) -> None:
+    """Add each part's rows of `gathered` (the parts' rows one after another, each part's
+    sorted by owner) to `out[owner]`, scaled by the part's per-text scale.
+
+    One segment sum over every part at once: a part-by-part loop cost ~7 numpy calls a part,
+    most of a small batch's time. Each (part, owner) run is summed in row order and added in
+    part order, the same float operations as the loop, so the result is bitwise the same.
+    """
+    owners = np.concatenate([owner for _, owner, _ in parts])
+    total = owners.shape[0]
+    if not total:
+        return
+    n = out.shape[0]
+    part_start = np.cumsum([0, *(owner.shape[0] for _, owner, _ in parts[:-1])])
+    new_run = np.empty(total, dtype=bool)
+    new_run[0] = True
+    np.not_equal(owners[1:], owners[:-1], out=new_run[1:])
+    new_run[part_start[part_start < total]] = True  # a part's first run, even if same owner
+    starts = np.flatnonzero(new_run)
+    run_owner = owners[starts]
+    # The part of each run (the last part starting at or before it: empty parts start where
+    # the next one does) and that part's scale for the run's text.
+    run_part = np.searchsorted(part_start, starts, side="right") - 1
+    scales = np.concatenate([scale for _, _, scale in parts])
+    weighted = np.add.reduceat(gathered, starts, axis=0) * scales[run_part * n + run_owner, None]
+    np.add.at(out, run_owner, weighted)  # in run order: part by part for each text
+
+
 def _flatten(groups: Sequence[tuple[int, ...]]) -> tuple[I64, I64]:
     """Concatenated tuples and, for each element, the index of the tuple it came from."""
     width = np.fromiter(map(len, groups), dtype=np.int64, count=len(groups))
@@ -534,17 +562,7 @@ class FastHead:
         parts = [(ids, owner, _inv_count(counts)), *enc.bag(texts, tokens, counts)]
         # Part 0 indexes the token rows directly; the bag parts go through the compact lookup.
         rows = np.concatenate([ids, *(self.lookup[idx] for idx, _, _ in parts[1:])])
-        gathered = self.table.take(rows, axis=0)
-        start = 0
-        for _, part_owner, scale in parts:
-            m = part_owner.shape[0]
-            if m:
-                per = np.bincount(part_owner, minlength=n)
-                present = per > 0
-                starts = (np.cumsum(per) - per)[present]
-                block = np.add.reduceat(gathered[start : start + m], starts, axis=0)
-                out[present] += block * scale[present, None]
-            start += m
+        add_parts(out, self.table.take(rows, axis=0), parts)
         return out.astype(np.float32, copy=False)
 
     def probabilities(self, texts: Sequence[str]) -> tuple[F64, F64]:

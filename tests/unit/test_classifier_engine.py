@@ -21,6 +21,7 @@ from router_worker.classify.cpu import (
     VOCABULARY_FILE,
     CpuEngine,
     StaticEncoder,
+    add_parts,
     char_ngrams,
     hash_dir,
     load_cpu_engine,
@@ -167,6 +168,36 @@ def test_segment_sum_handles_empty_groups() -> None:
     owner = np.array([1, 1, 3])
     sums = segment_sum(values, owner, 5)
     np.testing.assert_array_equal(sums, [[0, 0], [2, 4], [0, 0], [4, 5], [0, 0]])
+
+
+def _add_parts_one_by_one(out: np.ndarray, gathered: np.ndarray, parts: list) -> None:
+    start = 0  # the part-by-part loop add_parts replaced: its float operations, in its order
+    for _, owner, scale in parts:
+        m = owner.shape[0]
+        if m:
+            per = np.bincount(owner, minlength=out.shape[0])
+            present = per > 0
+            starts = (np.cumsum(per) - per)[present]
+            block = np.add.reduceat(gathered[start : start + m], starts, axis=0)
+            out[present] += block * scale[present, None]
+        start += m
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_adding_every_bag_part_at_once_is_bitwise_the_part_by_part_sum(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 6))
+    parts = []
+    for _ in range(int(rng.integers(1, 9))):
+        m = int(rng.choice([0, 0, 1, 5, 40]))  # empty parts too, first, last or between
+        owner = np.sort(rng.integers(0, n, m)).astype(np.int64)
+        parts.append((owner, owner, rng.random(n, dtype=np.float32)))
+    gathered = rng.standard_normal((sum(o.shape[0] for _, o, _ in parts), 10)).astype(np.float32)
+    start = rng.standard_normal((n, 10)).astype(np.float32)
+    expected, got = start.copy(), start.copy()
+    _add_parts_one_by_one(expected, gathered, parts)
+    add_parts(got, gathered, parts)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_char_ngrams_never_cross_texts() -> None:
