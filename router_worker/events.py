@@ -52,6 +52,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def round_half_up(value: float, scale: float) -> float:
+    """A non-negative value rounded to 1/`scale` (1e3: three decimals), half up, for event
+    fields: what `round(value, digits)` gives unless the value sits within a rounding error of
+    a half, in a third of its time (round renders the float as decimal digits, ~0.7 us)."""
+    return int(value * scale + 0.5) / scale
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 

@@ -8,7 +8,7 @@ from typing import TypedDict
 from router_worker.classify.engine import Prediction
 from router_worker.config import ModelSpec, RoutingConfig, TenantSpec
 from router_worker.errors import ErrorCode, RequestRejected
-from router_worker.events import NO_CONSTRAINTS, Constraints, RoutingRequested
+from router_worker.events import NO_CONSTRAINTS, Constraints, RoutingRequested, round_half_up
 from router_worker.frozen import frozen
 
 MAX_FALLBACKS = 4
@@ -139,12 +139,6 @@ class _Ranking:
 DecisionMemo = dict[tuple[object, ...], _Ranking]
 
 
-def _to_nano_usd(usd: float) -> float:
-    """A non-negative cost to 8 decimals, half up: what `round(usd, 8)` gives unless the value
-    sits within a rounding error of a half, in a third of its time."""
-    return int(usd * 1e8 + 0.5) / 1e8
-
-
 def _plain(constraints: Constraints) -> bool:
     """No caller constraints: the ranking cannot depend on anything the memo key leaves out."""
     return (constraints.max_cost_usd is None and constraints.max_latency_ms is None
@@ -228,6 +222,6 @@ def decide(
         model=ranking.eligible[0], provider=spec.provider, policy=policy,
         fallbacks=ranking.fallbacks, alternatives=ranking.alternatives(prediction.confidence),
         reason=ranking.reason,
-        estimated_cost_usd=_to_nano_usd(spec.cost(input_tokens, output_tokens)),
+        estimated_cost_usd=round_half_up(spec.cost(input_tokens, output_tokens), 1e8),
         skipped=ranking.skipped, preferred=ranking.order[0],
     )

@@ -17,7 +17,7 @@ from router_worker.classify.engine import Prediction
 from router_worker.config import RoutingConfig
 from router_worker.enrich import Enricher, Enrichment
 from router_worker.errors import ErrorCode, RequestRejected
-from router_worker.events import RoutingRequested, utcnow
+from router_worker.events import RoutingRequested, round_half_up, utcnow
 from router_worker.frozen import frozen
 from router_worker.metrics import Metrics
 from router_worker.policy import Choice, candidate_order, decide
@@ -66,13 +66,6 @@ def _correlation_id(headers: list[tuple[str, bytes]]) -> str | None:
 
 def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000, 3)
-
-
-def _to_microsecond(ms: float) -> float:
-    """A non-negative duration in ms to three decimals, half up: what `round(ms, 3)` gives
-    unless the value sits within a rounding error of a half, in a third of its time (round
-    renders the float as decimal digits)."""
-    return int(ms * 1000.0 + 0.5) / 1000.0
 
 
 # Confidences rounded for the event, memoised: the keyword tier's take a few dozen values.
@@ -230,7 +223,7 @@ class Router:
         store_prompt: bool = False,
     ) -> Outgoing:
         waited = shared.now_ms - inbound.timestamp_ms
-        queue = _to_microsecond(waited) if waited > 0.0 else 0.0
+        queue = round_half_up(waited, 1e3) if waited > 0.0 else 0.0
         # StrEnum members are their values: orjson and the metric labels take them as they are
         tier = prediction.tier
         event: dict[str, Any] = {
@@ -255,7 +248,7 @@ class Router:
                 "enrich": shared.enrich_ms,
                 "classify": shared.classify_ms,
                 "queue": queue,
-                "total": _to_microsecond(queue + shared.enrich_ms + shared.classify_ms),
+                "total": round_half_up(queue + shared.enrich_ms + shared.classify_ms, 1e3),
             },
             "created_at": request.created_at,
             "decided_at": shared.decided_at,

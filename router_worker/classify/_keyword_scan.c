@@ -398,8 +398,8 @@ trie_from(PyObject *capsule)
  *     -> (phrase ids, near-miss phrase words, fresh words, cue count, word count, structure)
  *
  * `lowered` is the clipped, lower-cased text every match runs on; the word count is of the
- * whole `text`, as estimate_complexity counts it, and the structural cues of its head. With `memo` None the words are not looked
- * at (an engine without phrase words to be near). */
+ * whole `text`, as estimate_complexity counts it, and the structural cues of its head. With
+ * `memo` None the words are not looked at (an engine without phrase words to be near). */
 static PyObject *
 scan(PyObject *Py_UNUSED(module), PyObject *args)
 {

@@ -190,7 +190,6 @@ class KeywordEngine:
                 if phrase.strip():  # a blank phrase would match the empty string between spaces
                     self._owner[phrase.lower()] = (*self._owner.get(phrase.lower(), ()), index)
         ordered = sorted(self._owner, key=len, reverse=True)  # longest phrase wins the match
-        self._phrases = ordered
         self._phrase_id = {phrase: i for i, phrase in enumerate(ordered)}
         self._owner_of = [self._owner[phrase] for phrase in ordered]  # by phrase id
         self._exact = (

@@ -9,13 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from router_worker.agents.route import Router, _to_microsecond
+from router_worker.agents.route import Router
 from router_worker.classify.cascade import Cascade
 from router_worker.classify.keyword import keyword_engine_from_config
 from router_worker.config import load_config
-from router_worker.events import RoutingCompleted
+from router_worker.events import RoutingCompleted, round_half_up
 from router_worker.metrics import create_metrics
-from router_worker.policy import _to_nano_usd
 from router_worker.settings import Settings
 from router_worker.validate import Inbound
 
@@ -57,11 +56,11 @@ async def test_completed_events_of_a_batch_validate_and_share_their_decision_tim
 def test_durations_round_to_the_microsecond_as_round_does_away_from_halves(ms: float) -> None:
     fraction = (ms * 1000) % 1
     if abs(fraction - 0.5) > 1e-6:  # at a half, round() goes by the exact binary value
-        assert _to_microsecond(ms) == round(ms, 3)
+        assert round_half_up(ms, 1e3) == round(ms, 3)
 
 
 @given(st.floats(min_value=0, max_value=10, allow_nan=False))
 def test_costs_round_to_8_decimals_as_round_does_away_from_halves(usd: float) -> None:
     fraction = (usd * 1e8) % 1
     if abs(fraction - 0.5) > 1e-6:
-        assert _to_nano_usd(usd) == round(usd, 8)
+        assert round_half_up(usd, 1e8) == round(usd, 8)
