@@ -22,10 +22,11 @@ help:
 	@echo "make test   - set up and run the whole suite against the real broker, Redis, Postgres"
 	@echo "make lint / typecheck / schemas / bench / bench-classifier / clean"
 
-# The virtualenv is rebuilt when pyproject.toml or the compiled keyword scan changes (an editable
-# install builds it in place). The `ml` extra (torch CPU build pinned to 2.13.0, MiniLM,
+# The virtualenv is rebuilt when pyproject.toml or a compiled extension (the keyword scan, the CPU
+# engine's head) changes (an editable install builds them in place). The `ml` extra (torch CPU build pinned to 2.13.0, MiniLM,
 # model2vec) is only needed to build the encoder and train the head.
-$(INSTALLED): pyproject.toml setup.py router_worker/classify/_keyword_scan.c
+$(INSTALLED): pyproject.toml setup.py router_worker/classify/_keyword_scan.c \
+		router_worker/classify/_cpu_head.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev,ml,plot,peers]'
@@ -80,6 +81,7 @@ bench-classifier: $(INSTALLED) $(ARTIFACT)
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache *-data
 
-# The compiled keyword scan lives in the source tree (editable install): it goes with the venv.
+# The compiled extensions live in the source tree (editable install): they go with the venv.
 distclean: clean
-	rm -rf $(VENV) models artifacts build router_worker/classify/_keyword_scan.*.so
+	rm -rf $(VENV) models artifacts build router_worker/classify/_keyword_scan.*.so \
+		router_worker/classify/_cpu_head.*.so

@@ -1,4 +1,5 @@
-"""CPU engine: distilled static MiniLM embeddings + token n-grams + linear heads, numpy only."""
+"""CPU engine: distilled static MiniLM embeddings + token n-grams + linear heads (numpy, and a
+compiled serving head, _cpu_head.c, where the install built it)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,21 @@ from tokenizers import Tokenizer
 
 from router_worker.classify.artifacts import Artifact, load_artifact, read_extra
 from router_worker.classify.engine import Prediction
-from router_worker.classify.lexicon import LEXICON, Lexicon, strip_word
+from router_worker.classify.lexicon import (
+    LEXICON,
+    MAX_PHRASE_WORDS,
+    PHRASE_MULT,
+    Lexicon,
+    strip_word,
+)
 from router_worker.classify.wordpiece import AsciiWordPiece, handles
 from router_worker.errors import ArtifactError
 from router_worker.events import Tier
+
+try:  # built from _cpu_head.c where the install found a C compiler (see setup.py)
+    from router_worker.classify import _cpu_head as _native
+except ImportError:  # pragma: no cover - exercised only on installs without a compiler
+    _native = None  # type: ignore[assignment]
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +65,8 @@ WORD_CACHE = 200_000
 SEEN_ONCE = 100_000
 _HAS_DIGIT = re.compile(r"\d").search
 _BIGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)
+# Bucket = the top 18 bits of (hash * _BIGRAM_MULT): both hashed blocks have 1 << 18 buckets.
+_HASH_SHIFT = np.uint64(46)
 # Character n-grams carry what word pieces miss: typos, code symbols, CJK and Cyrillic text.
 CHAR_BUCKETS = 1 << 18
 CHAR_NGRAMS = (2, 3, 4)
@@ -139,7 +153,7 @@ def char_ngrams(texts: Sequence[str], offset: int) -> list[tuple[I64, I64, F32]]
         for k in range(1, size):
             h = h * _CHAR_PRIME + codes[k : k + m]
         valid = (before[size - 1 : size - 1 + m] == before[:m]) & ~sep[:m]
-        buckets = ((h[valid] * _BIGRAM_MULT) >> np.uint64(46)).astype(np.int64) % CHAR_BUCKETS
+        buckets = ((h[valid] * _BIGRAM_MULT) >> _HASH_SHIFT).astype(np.int64) % CHAR_BUCKETS
         parts.append((buckets + offset, before[:m][valid].astype(np.int64)))
     total = np.zeros(n, dtype=np.float32)
     for _, owner in parts:
@@ -246,12 +260,7 @@ class StaticEncoder:
         words = list(chain.from_iterable(per_text))
         if not words:
             return Tokens.empty()
-        entries = list(map(self._words.get, words))
-        if None in entries:
-            pairs = list(zip(words, entries, strict=True))
-            fresh = self._learn_words(dict.fromkeys(w for w, e in pairs if e is None))
-            entries = [fresh[w] if e is None else e for w, e in pairs]
-        flat, flat_word = _flatten(cast(list[tuple[int, ...]], entries))
+        flat, flat_word = _flatten(self.entries(words))
         n_words = np.fromiter(map(len, per_text), dtype=np.int64, count=n)
         word_owner = np.repeat(np.arange(n, dtype=np.int64), n_words)
         vocab = self.vocab_size
@@ -273,6 +282,15 @@ class StaticEncoder:
             phrases,
             phrase_owner,
         )
+
+    def entries(self, words: list[str]) -> list[tuple[int, ...]]:
+        """The cache entry of each word (see `tokens`), learning the words never seen."""
+        entries = list(map(self._words.get, words))
+        if None in entries:
+            pairs = list(zip(words, entries, strict=True))
+            fresh = self._learn_words(dict.fromkeys(w for w, e in pairs if e is None))
+            entries = [fresh[w] if e is None else e for w, e in pairs]
+        return cast(list[tuple[int, ...]], entries)
 
     def adopt_words(self, previous: StaticEncoder) -> None:
         """Share `previous`'s word cache: entries depend only on the tokenizer, the lexicon and
@@ -382,7 +400,7 @@ class StaticEncoder:
         pair = ids[:-1][same].astype(np.uint64) * np.uint64(self.vocab_size) + ids[1:][same].astype(
             np.uint64
         )
-        buckets = ((pair * _BIGRAM_MULT) >> np.uint64(46)).astype(np.int64) % BIGRAM_BUCKETS
+        buckets = ((pair * _BIGRAM_MULT) >> _HASH_SHIFT).astype(np.int64) % BIGRAM_BUCKETS
         bigram_owner = owner[:-1][same]
         n_feats = counts.astype(np.float32) + np.bincount(bigram_owner, minlength=n).astype(
             np.float32
@@ -549,9 +567,30 @@ class FastHead:
         self.table: F32 = np.ascontiguousarray(table, dtype=np.float32)
         self.encoder = encoder
         self.n_categories = head.n_categories
+        self.width = int(width)
+        self._compiled = _load_compiled(self) if _native is not None else None
+
+    @property
+    def kernel(self) -> str:
+        """Which path computes the logits: `compiled` (_cpu_head.c) or `numpy`."""
+        return "numpy" if self._compiled is None else "compiled"
 
     def logits(self, texts: Sequence[str]) -> F32:
         """Category then complexity logits of `texts` (a batch of any size)."""
+        if self._compiled is None:
+            return self.numpy_logits(texts)
+        texts = list(texts)
+        per_text = [prompt_words(t) for t in texts]
+        words = list(chain.from_iterable(per_text))
+        out = np.empty((len(texts), self.width), dtype=np.float32)
+        _native.logits(
+            self._compiled, texts, [t[:CHAR_LIMIT].lower() for t in texts],
+            self.encoder.entries(words) if words else [], list(map(len, per_text)), out,
+        )
+        return out
+
+    def numpy_logits(self, texts: Sequence[str]) -> F32:
+        """`logits` in numpy: the reference of the compiled path, and its fallback."""
         enc = self.encoder
         n = len(texts)
         tokens = enc.tokens(texts)
@@ -569,6 +608,34 @@ class FastHead:
         """Softmax over categories and over complexities."""
         z = self.logits(texts).astype(np.float64)
         return softmax(z[:, : self.n_categories]), softmax(z[:, self.n_categories :])
+
+
+def compiled_head_inputs(head: FastHead) -> tuple[list[npt.NDArray[Any]], tuple[int, ...]]:
+    """What _cpu_head.c's `load_head` takes: FastHead's tables in the C types it reads, and
+    the sizes, offsets and hash constants of this module and the lexicon."""
+    enc = head.encoder
+    keys, starts, concepts = enc.lexicon.phrase_table()
+    f32 = np.float32
+    arrays: list[npt.NDArray[Any]] = [
+        head.table, np.ascontiguousarray(enc.projected, f32),
+        np.ascontiguousarray(head.w_peak, f32), np.ascontiguousarray(head.w_stats, f32),
+        np.ascontiguousarray(head.bias, f32),
+        np.ascontiguousarray(head.lookup, np.int32), np.ascontiguousarray(keys, np.uint64),
+        np.ascontiguousarray(starts, np.int64), np.ascontiguousarray(concepts, np.int64),
+    ]
+    params = (
+        head.width, enc.max_dim, enc.vocab_size, enc.unk_id, MAX_TOKENS,
+        enc.vocab_size, BIGRAM_BUCKETS, enc.vocab_size + BIGRAM_BUCKETS, CHAR_BUCKETS,
+        enc.word_offset, enc.word_offset + WORD_BUCKETS, MAX_PHRASE_WORDS,
+        int(_CHAR_PRIME), int(_BIGRAM_MULT), int(PHRASE_MULT), int(_HASH_SHIFT),
+    )
+    return arrays, params
+
+
+def _load_compiled(head: FastHead) -> object:
+    """FastHead's tables handed to _cpu_head.c (held there, not copied)."""
+    arrays, params = compiled_head_inputs(head)
+    return _native.load_head(arrays, params, CHAR_NGRAMS)
 
 
 def softmax(z: F64) -> F64:
@@ -748,7 +815,7 @@ def load_cpu_engine(
     )
     log.info(
         "engine_loaded", engine=ENGINE_NAME, version=engine.version,
-        second_stage=second is not None, prelearned_words=learned,
+        second_stage=second is not None, prelearned_words=learned, cpu_head=engine.fast.kernel,
     )
     return engine
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
+from itertools import chain
 
 import numpy as np
 import numpy.typing as npt
@@ -36,7 +37,7 @@ _UNSPACED = re.compile(r"[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\u
 
 I64 = npt.NDArray[np.int64]
 MAX_PHRASE_WORDS = 5
-_MULT = np.uint64(0x9E3779B97F4A7C15)
+PHRASE_MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
 def strip_word(word: str) -> str:
@@ -141,6 +142,14 @@ class Lexicon:
         """Id of a lower-cased, punctuation-stripped word among phrase words; 0 if in none."""
         return self._word_ids.get(word, 0)
 
+    def phrase_table(self) -> tuple[npt.NDArray[np.uint64], I64, I64]:
+        """The phrases as flat arrays, for the compiled head (_cpu_head.c): the sorted rolling
+        hashes, and the concept ids of hash k at `concepts[starts[k]:starts[k + 1]]`."""
+        found = [self._phrase_ids[int(key)] for key in self._keys]
+        starts = np.cumsum([0, *map(len, found)], dtype=np.int64)
+        concepts = np.fromiter(chain.from_iterable(found), dtype=np.int64, count=int(starts[-1]))
+        return self._keys, starts, concepts
+
     def phrase_columns(self, word_ids: I64, owner: I64) -> tuple[I64, I64]:
         """Concept ids of every phrase found in a batch's words, with the text of each.
 
@@ -158,7 +167,7 @@ class Lexicon:
             if m <= 0:
                 break
             last = slice(n - 1, n - 1 + m)
-            rolling = rolling[:m] * _MULT + ids[last]
+            rolling = rolling[:m] * PHRASE_MULT + ids[last]
             valid = valid[:m] & (word_ids[last] > 0) & (owner[last] == owner[:m])
             at = np.flatnonzero(valid)
             hashes.append(rolling[at])
@@ -185,7 +194,7 @@ def _rolling(ids: I64) -> np.uint64:
     """The rolling hash of one run of word ids, as `phrase_columns` computes it."""
     value = ids[:1].astype(np.uint64)
     for i in range(1, ids.shape[0]):
-        value = value * _MULT + ids[i : i + 1].astype(np.uint64)
+        value = value * PHRASE_MULT + ids[i : i + 1].astype(np.uint64)
     return np.uint64(value[0])
 
 
