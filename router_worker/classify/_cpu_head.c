@@ -32,6 +32,8 @@
 #define MAX_SIZES 8
 #define MAX_WIDTH 64
 #define MAX_DIM 1024
+/* rows ahead that a gather asks the cache for */
+#define PREFETCH 16
 
 enum { TABLE, PROJECTED, W_PEAK, W_STATS, BIAS, LOOKUP, KEYS, STARTS, CONCEPTS, N_BUFFERS };
 
@@ -289,6 +291,9 @@ sum_rows(const Head *head, const Rows *rows, float *sum)
     Py_ssize_t width = head->width;
     double acc[MAX_WIDTH] = {0};
     for (Py_ssize_t i = 0; i < rows->size; i++) {
+        if (i + PREFETCH < rows->size) {
+            __builtin_prefetch(table + (Py_ssize_t)rows->data[i + PREFETCH] * width);
+        }
         const float *row = table + (Py_ssize_t)rows->data[i] * width;
         for (Py_ssize_t j = 0; j < width; j++) {
             acc[j] += row[j];
@@ -422,6 +427,12 @@ token_rows(const Head *head, Scratch *scratch)
         scratch->peak[d] = n ? -INFINITY : 0.0f;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + PREFETCH / 4 < n) {  /* a row spans several cache lines: fewer rows ahead */
+            const float *ahead = projected + (Py_ssize_t)tokens->data[i + PREFETCH / 4] * dim;
+            for (Py_ssize_t d = 0; d < dim; d += 16) {
+                __builtin_prefetch(ahead + d);
+            }
+        }
         const float *row = projected + (Py_ssize_t)tokens->data[i] * dim;
         for (Py_ssize_t d = 0; d < dim; d++) {
             scratch->peak[d] = row[d] > scratch->peak[d] ? row[d] : scratch->peak[d];
@@ -487,9 +498,11 @@ char_rows(const Head *head, PyObject *text, Scratch *scratch)
                 Py_UCS4 ch = PyUnicode_READ(kind, data, p + k);
                 h = (k ? h * head->char_prime : 0) + (ch ? ch : ' ');
             }
-            long long bucket =
-                (long long)((h * head->hash_mult) >> head->shift) % head->char_buckets;
-            rows->data[p] = lookup[head->char_offset + bucket];
+            rows->data[p] = (int32_t)((long long)((h * head->hash_mult) >> head->shift) %
+                                      head->char_buckets);
+        }
+        for (Py_ssize_t p = 0; p < count; p++) {
+            rows->data[p] = lookup[head->char_offset + rows->data[p]];
         }
         rows->size = count;
     }
