@@ -1,6 +1,7 @@
 /*
- * The CPU engine's serving head (cpu.py's FastHead), compiled: from a batch's cached word
- * entries and its texts to the batch's logits in one call.
+ * The CPU engine's serving head (cpu.py's FastHead), compiled: from a batch's texts, their
+ * words and the encoder's word cache to the batch's logits in one call (words never seen go
+ * to the encoder's `learn` once per batch).
  *
  * Why C: with numpy a batch costs ~100 array calls whatever its size (tokens, n-gram hashes,
  * phrase lookups, the gather and its segment sums), ~0.4 ms before the first prompt is
@@ -360,13 +361,12 @@ scratch_free(Scratch *scratch)
 /* One text's word entries: kept tokens (word pieces that are not unknown, within the first
  * max_tokens pieces), the rows of its word-level columns and its phrase word ids. */
 static int
-walk_words(const Head *head, PyObject *entries, Py_ssize_t first, Py_ssize_t n_words,
-           Scratch *scratch)
+walk_words(const Head *head, PyObject *const *entries, Py_ssize_t n_words, Scratch *scratch)
 {
     const int32_t *lookup = (const int32_t *)head->views[LOOKUP].buf;
     long long vocab = head->vocab, position = 0;
     for (Py_ssize_t w = 0; w < n_words; w++) {
-        PyObject *entry = PyList_GET_ITEM(entries, first + w);
+        PyObject *entry = entries[w];
         if (!PyTuple_Check(entry)) {
             PyErr_SetString(PyExc_TypeError, "a word entry must be a tuple of ints");
             return -1;
@@ -534,12 +534,12 @@ add_part(const Head *head, const Rows *rows, float scale, Scratch *scratch, floa
 
 /* One text's logits into `out` (width floats). */
 static int
-text_logits(const Head *head, PyObject *text, PyObject *lowered, PyObject *entries,
-            Py_ssize_t first, Py_ssize_t n_words, Scratch *scratch, float *out)
+text_logits(const Head *head, PyObject *text, PyObject *lowered, PyObject *const *entries,
+            Py_ssize_t n_words, Scratch *scratch, float *out)
 {
     Py_ssize_t width = head->width, dim = head->dim;
     scratch->tokens.size = scratch->words.size = scratch->phrases.size = 0;
-    if (walk_words(head, entries, first, n_words, scratch) < 0 ||
+    if (walk_words(head, entries, n_words, scratch) < 0 ||
         token_rows(head, scratch) < 0 || phrase_rows(head, n_words, scratch) < 0 ||
         char_rows(head, lowered, scratch) < 0) {
         return -1;
@@ -575,26 +575,105 @@ text_logits(const Head *head, PyObject *text, PyObject *lowered, PyObject *entri
     return 0;
 }
 
-/* logits(head, texts, lowered, entries, n_words, out) -> None */
+/* The cache entry of every word, in order (owned references). Words missing from `cache` go
+ * to `learn` in one call (a list, in order of appearance, repeats included), which returns a
+ * dict holding an entry for each. Entries are referenced before `learn` runs: it may clear the
+ * cache when it is full. Returns the number of words, or -1 with an exception set. */
+static Py_ssize_t
+resolve_entries(PyObject *words, PyObject *cache, PyObject *learn, PyObject ***found)
+{
+    Py_ssize_t n = PyList_GET_SIZE(words), total = 0, k = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *text_words = PyList_GET_ITEM(words, i);
+        if (!PyList_Check(text_words)) {
+            PyErr_SetString(PyExc_TypeError, "words must hold one list of str per text");
+            return -1;
+        }
+        total += PyList_GET_SIZE(text_words);
+    }
+    PyObject **entries = PyMem_Calloc((size_t)(total ? total : 1), sizeof(PyObject *));
+    if (entries == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    PyObject *missing = NULL, *fresh = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *text_words = PyList_GET_ITEM(words, i);
+        for (Py_ssize_t w = 0; w < PyList_GET_SIZE(text_words); w++, k++) {
+            PyObject *word = PyList_GET_ITEM(text_words, w);
+            PyObject *entry = PyDict_GetItemWithError(cache, word);
+            if (entry != NULL) {
+                entries[k] = Py_NewRef(entry);
+                continue;
+            }
+            if (PyErr_Occurred() || (missing == NULL && (missing = PyList_New(0)) == NULL) ||
+                PyList_Append(missing, word) < 0) {
+                goto fail;
+            }
+        }
+    }
+    if (missing != NULL) {
+        fresh = PyObject_CallOneArg(learn, missing);
+        if (fresh == NULL) {
+            goto fail;
+        }
+        if (!PyDict_Check(fresh)) {
+            PyErr_SetString(PyExc_TypeError, "learn must return a dict of word entries");
+            goto fail;
+        }
+        k = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *text_words = PyList_GET_ITEM(words, i);
+            for (Py_ssize_t w = 0; w < PyList_GET_SIZE(text_words); w++, k++) {
+                if (entries[k] != NULL) {
+                    continue;
+                }
+                PyObject *entry = PyDict_GetItemWithError(fresh, PyList_GET_ITEM(text_words, w));
+                if (entry == NULL) {
+                    if (!PyErr_Occurred()) {
+                        PyErr_SetString(PyExc_KeyError, "learn returned no entry for a word");
+                    }
+                    goto fail;
+                }
+                entries[k] = Py_NewRef(entry);
+            }
+        }
+    }
+    Py_XDECREF(missing);
+    Py_XDECREF(fresh);
+    *found = entries;
+    return total;
+fail:
+    for (Py_ssize_t j = 0; j < total; j++) {
+        Py_XDECREF(entries[j]);
+    }
+    PyMem_Free(entries);
+    Py_XDECREF(missing);
+    Py_XDECREF(fresh);
+    return -1;
+}
+
+/* logits(head, texts, lowered, words, cache, learn, out) -> None */
 static PyObject *
 logits(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    PyObject *capsule, *texts, *lowered, *entries, *n_words;
+    PyObject *capsule, *texts, *lowered, *words, *cache, *learn;
     Py_buffer out;
-    if (!PyArg_ParseTuple(args, "OO!O!O!O!w*:logits", &capsule, &PyList_Type, &texts,
-                          &PyList_Type, &lowered, &PyList_Type, &entries, &PyList_Type,
-                          &n_words, &out)) {
+    if (!PyArg_ParseTuple(args, "OO!O!O!O!Ow*:logits", &capsule, &PyList_Type, &texts,
+                          &PyList_Type, &lowered, &PyList_Type, &words, &PyDict_Type, &cache,
+                          &learn, &out)) {
         return NULL;
     }
-    PyObject *result = NULL;
+    PyObject *result = NULL, **entries = NULL;
+    Py_ssize_t total = 0;
     Scratch *scratch = NULL;
     Head *head = PyCapsule_GetPointer(capsule, HEAD_CAPSULE);
     if (head == NULL) {
         goto done;
     }
-    Py_ssize_t n = PyList_GET_SIZE(texts), most = 0, total = 0;
-    if (PyList_GET_SIZE(lowered) != n || PyList_GET_SIZE(n_words) != n) {
-        PyErr_SetString(PyExc_ValueError, "texts, lowered and n_words differ in length");
+    Py_ssize_t n = PyList_GET_SIZE(texts), most = 0;
+    if (PyList_GET_SIZE(lowered) != n || PyList_GET_SIZE(words) != n) {
+        PyErr_SetString(PyExc_ValueError, "texts, lowered and words differ in length");
         goto done;
     }
     if (out.len != n * head->width * (Py_ssize_t)sizeof(float)) {
@@ -602,24 +681,20 @@ logits(PyObject *Py_UNUSED(module), PyObject *args)
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(n_words, i));
-        if (count < 0) {
-            if (!PyErr_Occurred()) {
-                PyErr_SetString(PyExc_ValueError, "a word count is negative");
-            }
-            goto done;
-        }
         if (!PyUnicode_Check(PyList_GET_ITEM(texts, i)) ||
             !PyUnicode_Check(PyList_GET_ITEM(lowered, i))) {
             PyErr_SetString(PyExc_TypeError, "texts and lowered must hold str");
             goto done;
         }
-        most = count > most ? count : most;
-        total += count;
     }
-    if (total != PyList_GET_SIZE(entries)) {
-        PyErr_SetString(PyExc_ValueError, "n_words does not add up to the entries");
+    total = resolve_entries(words, cache, learn, &entries);
+    if (total < 0) {
+        total = 0;
         goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t count = PyList_GET_SIZE(PyList_GET_ITEM(words, i));
+        most = count > most ? count : most;
     }
     scratch = PyMem_Calloc(1, sizeof(Scratch));
     if (scratch == NULL ||
@@ -629,15 +704,20 @@ logits(PyObject *Py_UNUSED(module), PyObject *args)
     }
     Py_ssize_t first = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(n_words, i));
-        if (text_logits(head, PyList_GET_ITEM(texts, i), PyList_GET_ITEM(lowered, i), entries,
-                        first, count, scratch, (float *)out.buf + i * head->width) < 0) {
+        Py_ssize_t count = PyList_GET_SIZE(PyList_GET_ITEM(words, i));
+        if (text_logits(head, PyList_GET_ITEM(texts, i), PyList_GET_ITEM(lowered, i),
+                        entries + first, count, scratch,
+                        (float *)out.buf + i * head->width) < 0) {
             goto done;
         }
         first += count;
     }
     result = Py_NewRef(Py_None);
 done:
+    for (Py_ssize_t j = 0; j < total; j++) {
+        Py_XDECREF(entries[j]);
+    }
+    PyMem_Free(entries);
     if (scratch != NULL) {
         scratch_free(scratch);
         PyMem_Free(scratch);
@@ -650,7 +730,7 @@ static PyMethodDef methods[] = {
     {"load_head", load_head, METH_VARARGS,
      "load_head(arrays, params, sizes) -> head: FastHead's tables, checked and held."},
     {"logits", logits, METH_VARARGS,
-     "logits(head, texts, lowered, entries, n_words, out): a batch's logits into out."},
+     "logits(head, texts, lowered, words, cache, learn, out): a batch's logits into out."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -292,6 +292,15 @@ class StaticEncoder:
             entries = [fresh[w] if e is None else e for w, e in pairs]
         return cast(list[tuple[int, ...]], entries)
 
+    @property
+    def word_cache(self) -> dict[str, tuple[int, ...]]:
+        """Word -> entry (see `tokens`); the compiled head reads it, only `_learn_words` writes."""
+        return self._words
+
+    def learn_missing(self, missing: list[str]) -> dict[str, tuple[int, ...]]:
+        """Entries of words the cache lacks (repeats allowed), learned as `entries` does."""
+        return self._learn_words(dict.fromkeys(missing))
+
     def adopt_words(self, previous: StaticEncoder) -> None:
         """Share `previous`'s word cache: entries depend only on the tokenizer, the lexicon and
         this module, so an encoder of the same static model may use them as they are. Callers
@@ -579,13 +588,11 @@ class FastHead:
         """Category then complexity logits of `texts` (a batch of any size)."""
         if self._compiled is None:
             return self.numpy_logits(texts)
-        texts = list(texts)
-        per_text = [prompt_words(t) for t in texts]
-        words = list(chain.from_iterable(per_text))
+        texts, enc = list(texts), self.encoder
         out = np.empty((len(texts), self.width), dtype=np.float32)
         _native.logits(
             self._compiled, texts, [t[:CHAR_LIMIT].lower() for t in texts],
-            self.encoder.entries(words) if words else [], list(map(len, per_text)), out,
+            [prompt_words(t) for t in texts], enc.word_cache, enc.learn_missing, out,
         )
         return out
 

@@ -147,15 +147,54 @@ def test_inconsistent_batches_are_refused_not_read_out_of_bounds(engine: CpuEngi
     head = engine.fast._compiled
     width = engine.fast.width
     out = np.empty((1, width), np.float32)
-    with pytest.raises(ValueError, match="add up"):
-        native.logits(head, ["a b"], ["a b"], [(1,)], [2], out)
+    cache: dict[str, tuple[int, ...]] = {"a": (1,), "far": (10**12,)}
+
+    def learn(words: list[str]) -> dict[str, tuple[int, ...]]:
+        return {}
+
     with pytest.raises(ValueError, match="out"):
-        native.logits(head, ["a"], ["a"], [(1,)], [1], np.empty((2, width), np.float32))
+        native.logits(head, ["a"], ["a"], [["a"]], cache, learn, np.empty((2, width), np.float32))
     with pytest.raises(ValueError, match="length"):
-        native.logits(head, ["a"], [], [(1,)], [1], out)
+        native.logits(head, ["a"], [], [["a"]], cache, learn, out)
+    with pytest.raises(TypeError, match="list of str"):
+        native.logits(head, ["a"], ["a"], ["a"], cache, learn, out)
+    with pytest.raises(KeyError, match="no entry"):
+        native.logits(head, ["b"], ["b"], [["b"]], cache, learn, out)
     with pytest.raises(TypeError, match="tuple"):
-        native.logits(head, ["a"], ["a"], [[1]], [1], out)
+        native.logits(head, ["a"], ["a"], [["a"]], {"a": [1]}, learn, out)  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="outside the bag"):
-        native.logits(head, ["a"], ["a"], [(10**12,)], [1], out)
+        native.logits(head, ["far"], ["far"], [["far"]], cache, learn, out)
     with pytest.raises(ValueError, match="PyCapsule"):
-        native.logits(object(), ["a"], ["a"], [(1,)], [1], out)
+        native.logits(object(), ["a"], ["a"], [["a"]], cache, learn, out)
+
+
+def test_words_never_seen_are_learned_once_per_batch(engine: CpuEngine) -> None:
+    calls: list[list[str]] = []
+    learn = engine.encoder.learn_missing
+
+    def counting(words: list[str]) -> dict[str, tuple[int, ...]]:
+        calls.append(words)
+        return learn(words)
+
+    engine.encoder.learn_missing = counting  # type: ignore[method-assign]
+    texts = ["id-123 and id-123 again", "a fresh id-456", "write a poem"]
+    got = engine.fast.logits(texts)
+    assert len(calls) == 1
+    assert {"id-123", "id-456"} <= set(calls[0])
+    engine.fast.logits(["write a poem"])  # every word known now: no call
+    assert len(calls) == 1
+    np.testing.assert_allclose(got, engine.fast.numpy_logits(texts), rtol=1e-5, atol=1e-5)
+
+
+def test_a_cache_cleared_while_learning_loses_no_entry(engine: CpuEngine) -> None:
+    enc = engine.encoder
+    texts = ["write a poem", "fix the bug 99-unique"]
+    want = engine.fast.numpy_logits(texts)
+    learn = enc.learn_missing
+
+    def clearing(words: list[str]) -> dict[str, tuple[int, ...]]:
+        enc.word_cache.clear()  # what _learn_words does when the cache is full
+        return learn(words)
+
+    enc.learn_missing = clearing  # type: ignore[method-assign]
+    np.testing.assert_allclose(engine.fast.logits(texts), want, rtol=1e-5, atol=1e-5)
