@@ -29,7 +29,7 @@ from router_worker.classify.lexicon import (
     Lexicon,
     strip_word,
 )
-from router_worker.classify.wordpiece import AsciiWordPiece, handles
+from router_worker.classify.wordpiece import AsciiWordPiece
 from router_worker.errors import ArtifactError
 from router_worker.events import Tier
 
@@ -345,16 +345,12 @@ class StaticEncoder:
         return fresh
 
     def _word_pieces(self, words: list[str]) -> list[list[int]]:
-        """WordPiece ids of each word: plain ASCII in Python, the rest in one tokenizer call."""
+        """WordPiece ids of each word: plain ASCII by `AsciiWordPiece`, the rest in one
+        tokenizer call."""
         fast = self.wordpiece
-        grouped: list[list[int]] = []
-        slow: list[int] = []  # positions of the words left to the tokenizer
-        for i, word in enumerate(words):
-            if fast is not None and handles(word):
-                grouped.append(fast.tokenize(word))
-            else:
-                grouped.append([])
-                slow.append(i)
+        found = fast.tokenize_many(words) if fast is not None else [None] * len(words)
+        slow = [i for i, ids in enumerate(found) if ids is None]  # left to the tokenizer
+        grouped = [[] if ids is None else ids for ids in found]
         if slow:
             encoding = self.tokenizer.encode(
                 [words[i] for i in slow], is_pretokenized=True, add_special_tokens=False

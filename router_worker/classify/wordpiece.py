@@ -17,6 +17,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+try:  # built from _cpu_head.c where the install found a C compiler (see setup.py)
+    from router_worker.classify import _cpu_head as _native
+except ImportError:  # pragma: no cover - exercised only on installs without a compiler
+    _native = None  # type: ignore[assignment]
+
 # Alphanumeric runs and single punctuation characters: BertPreTokenizer's split of a
 # lower-cased, printable, whitespace-free ASCII word (every printable non-alnum is punctuation).
 _PIECES = re.compile(r"[a-z0-9]+|[^a-z0-9]")
@@ -48,6 +53,21 @@ class AsciiWordPiece:
                 table.setdefault(text[:2], set()).add(len(text))
         self._head = {two: (*sorted(sizes, reverse=True), 1) for two, sizes in head.items()}
         self._tail = {two: (*sorted(sizes, reverse=True), 1) for two, sizes in tail.items()}
+        # The same search compiled (_cpu_head.c): ~10x faster on a new id or hash.
+        self._compiled = (
+            None if _native is None else _native.load_wordpiece(vocab, prefix, unk_id, max_chars)
+        )
+
+    @property
+    def compiled(self) -> bool:
+        """Whether `tokenize_many` runs the compiled search."""
+        return self._compiled is not None
+
+    def tokenize_many(self, words: list[str]) -> list[list[int] | None]:
+        """Ids of each word; None for a word `handles` refuses (left to the tokenizer)."""
+        if self._compiled is not None:
+            return _native.wordpieces(self._compiled, words)
+        return [self.tokenize(w) if handles(w) else None for w in words]
 
     @classmethod
     def from_tokenizer_json(cls, path: Path) -> AsciiWordPiece | None:
@@ -75,7 +95,7 @@ class AsciiWordPiece:
                    int(model.get("max_input_chars_per_word", 100)))
 
     def tokenize(self, word: str) -> list[int]:
-        """Ids of one word that `handles` accepts."""
+        """Ids of one word that `handles` accepts (the reference of the compiled search)."""
         ids: list[int] = []
         vocab, prefix = self.vocab, self.prefix
         for piece in _PIECES.findall(word):

@@ -78,3 +78,30 @@ def test_a_non_bert_tokenizer_gets_no_fast_path(tmp_path: Path) -> None:
             "pre_tokenizer": {"type": "ByteLevel"}, "added_tokens": []}
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     assert AsciiWordPiece.from_tokenizer_json(tmp_path / "tokenizer.json") is None
+
+
+@pytest.mark.parametrize("path", _tokenizer_files(), ids=lambda p: p.parent.name)
+def test_the_compiled_search_gives_the_python_ids_and_refuses_the_same_words(path: Path) -> None:
+    fast = AsciiWordPiece.from_tokenizer_json(path)
+    assert fast is not None
+    assert fast.compiled, "this install builds _cpu_head.c"
+    words = [*_words(), "Upper", "two words", "", "a" * 300, "#", "##", "x##y", "-" * 5]
+    want = [fast.tokenize(w) if handles(w) else None for w in words]
+    assert fast.tokenize_many(words) == want
+
+
+def test_a_small_vocabulary_with_long_entries_searches_alike_compiled_and_in_python(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    vocab = {"[UNK]": 0, "ab": 1, "abc": 2, "##c": 3, "c": 4, "x" * 80: 5, "##" + "y" * 70: 6,
+             "é": 7, "-": 8}
+    words = ["abc", "abcc", "abx", "x" * 80 + "c", "c" + "y" * 70, "-", "ab-abc", "é", "q"]
+    got = AsciiWordPiece(vocab, 0, "##", 100).tokenize_many(words)
+    from router_worker.classify import wordpiece
+
+    monkeypatch.setattr(wordpiece, "_native", None)
+    python = AsciiWordPiece(vocab, 0, "##", 100)
+    assert not python.compiled
+    assert got == python.tokenize_many(words)
+    assert got[1] == [2, 3]  # abcc: abc, ##c
+    assert got[2] == [0]  # abx: no entry fits at x, so the whole word is unknown
