@@ -1,7 +1,8 @@
 /*
  * The CPU engine's serving head (cpu.py's FastHead), compiled: from a batch's texts, their
  * words and the encoder's word cache to the batch's logits in one call (words never seen go
- * to the encoder's `learn` once per batch).
+ * to the encoder's `learn` once per batch). The second half of this file is the WordPiece
+ * search that learning uses for plain ASCII words (wordpiece.py's AsciiWordPiece).
  *
  * Why C: with numpy a batch costs ~100 array calls whatever its size (tokens, n-gram hashes,
  * phrase lookups, the gather and its segment sums), ~0.4 ms before the first prompt is
