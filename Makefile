@@ -23,8 +23,9 @@ help:
 	@echo "make lint / typecheck / schemas / bench / bench-classifier / clean"
 
 # The virtualenv is rebuilt when pyproject.toml or a compiled extension (the keyword scan, the CPU
-# engine's head) changes (an editable install builds them in place). The `ml` extra (torch CPU build pinned to 2.13.0, MiniLM,
-# model2vec) is only needed to build the encoder and train the head.
+# engine's head) changes (an editable install builds them in place). The `ml` extra (torch CPU
+# build pinned to 2.13.0, MiniLM, model2vec) is only needed to build the encoder and train the
+# head.
 $(INSTALLED): pyproject.toml setup.py router_worker/classify/_keyword_scan.c \
 		router_worker/classify/_cpu_head.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
