@@ -288,7 +288,7 @@ class StaticEncoder:
         entries = list(map(self._words.get, words))
         if None in entries:
             pairs = list(zip(words, entries, strict=True))
-            fresh = self._learn_words(dict.fromkeys(w for w, e in pairs if e is None))
+            fresh = self.learn_missing([w for w, e in pairs if e is None])
             entries = [fresh[w] if e is None else e for w, e in pairs]
         return cast(list[tuple[int, ...]], entries)
 
@@ -298,7 +298,8 @@ class StaticEncoder:
         return self._words
 
     def learn_missing(self, missing: list[str]) -> dict[str, tuple[int, ...]]:
-        """Entries of words the cache lacks (repeats allowed), learned as `entries` does."""
+        """Entries of words the cache lacks (repeats allowed), each learned once: what `entries`
+        and the compiled head call on a cache miss."""
         return self._learn_words(dict.fromkeys(missing))
 
     def adopt_words(self, previous: StaticEncoder) -> None:
