@@ -80,6 +80,8 @@ class OutputWatcher:
     settings: Settings
     topic_names: list[str]
     arrivals: dict[str, float] = field(default_factory=dict)
+    # request_id -> when `offered_load` published it (the monotonic clock `arrivals` uses)
+    published: dict[str, float] = field(default_factory=dict)
     # request_id -> the decision's own timings_ms, for requests whose id starts with `timed`
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     timed: str = MEASURED_ID
@@ -414,6 +416,7 @@ async def offered_load(
     finally:
         await producer.stop()
         gc.unfreeze()
+    watcher.published.update(sent)
     out = Latencies([])
     for r, t in sent.items():
         if r in watcher.arrivals:
