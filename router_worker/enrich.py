@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from router_worker.classify.engine import Prediction
 from router_worker.config import RoutingConfig, TenantSpec
 from router_worker.events import RoutingRequested
-from router_worker.redis_wire import with_fast_packing
+from router_worker.redis_wire import ON_SENT, with_fast_packing
 from router_worker.state.budget import window_ids
 from router_worker.state.cache import decode_prediction
 from router_worker.state.health import HEALTH_SCRIPT
@@ -198,6 +198,16 @@ def _parse_health(reply: object, scripted: bool) -> tuple[frozenset[str], frozen
     return frozenset(unhealthy), frozenset(probes)
 
 
+def _resolver(future: asyncio.Future[None]) -> Callable[[], None]:
+    """A callback that resolves `future` the first time it runs."""
+
+    def resolve() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    return resolve
+
+
 class Enricher:
     """Reads tenant profiles, model health and session affinity for a batch."""
 
@@ -315,11 +325,25 @@ class Enricher:
 
     async def enrich(
         self, requests: Sequence[RoutingRequested], cache_keys: Sequence[str] = (),
-        now: float | None = None,
+        now: float | None = None, sent: asyncio.Future[None] | None = None,
     ) -> Enrichment:
         """One pipeline: the earlier batches' queued writes, then tenant profiles, breakers
         (claiming half-open probes), demotions, session pins, cached classifications, today's
-        spend and the token buckets."""
+        spend and the token buckets.
+
+        `sent`, when given, is resolved once the pipeline is on the wire, or once this returns
+        without one (no requests, Redis skipped after a failure): a caller may then do its own
+        work while Redis answers."""
+        try:
+            return await self._enrich(requests, cache_keys, now, sent)
+        finally:
+            if sent is not None and not sent.done():
+                sent.set_result(None)
+
+    async def _enrich(
+        self, requests: Sequence[RoutingRequested], cache_keys: Sequence[str],
+        now: float | None, sent: asyncio.Future[None] | None,
+    ) -> Enrichment:
         if not requests:
             return Enrichment()
         if self._writing is not None:  # earlier batches' pins and cache entries land first
@@ -363,7 +387,12 @@ class Enricher:
         for tenant_id, (rate, burst) in limited:
             pipe.eval(BUCKET_SCRIPT, 1, self.keys.bucket(tenant_id), rate, burst,
                       int(now * 1000), wanted[tenant_id])
+        # The task takes ON_SENT from this context as it is now: only this pipeline's send
+        # resolves `sent`.
+        hook = ON_SENT.set(_resolver(sent)) if sent is not None else None
         execution = asyncio.ensure_future(pipe.execute())
+        if hook is not None:
+            ON_SENT.reset(hook)
         if writes:  # a batch routed alongside this one reads only after these writes land
             self._writing = execution
         try:

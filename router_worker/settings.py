@@ -92,6 +92,12 @@ class Settings(BaseSettings):
         10.0, gt=0,
         description="longest a fetch waits for records; a batch is what came, up to max_batch",
     )
+    classify_overlap_max: int = Field(
+        64, ge=0, description="batches up to this size are classified while their Redis round "
+        "trip is in flight, so their latency is the longer of the two, not the sum; larger "
+        "batches wait for Redis and skip the classifier for cache hits and over-rate requests "
+        "(0: never overlap)"
+    )
     classify_inline_max: int = Field(
         512, ge=0, description="batches up to this size classify on the event loop instead of "
         "a thread (cpu and keyword engines; vllm and the encoder stage always use a thread): "

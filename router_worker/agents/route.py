@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ import orjson
 import structlog
 
 from router_worker import topics
-from router_worker.classify.cascade import Cascade
+from router_worker.classify.cascade import Cascade, CascadeResult
 from router_worker.classify.engine import Prediction
 from router_worker.config import RoutingConfig
 from router_worker.enrich import Enricher, Enrichment
@@ -82,9 +83,23 @@ class _Shared:
     degraded: list[str]
     enrich_ms: float
     classify_ms: float
+    busy_ms: float  # routing start -> predictions in hand (enrich and classify may overlap)
     version: str  # the classifier version stamped on the decisions
     enrichment: Enrichment
     plan: BatchPlan
+
+
+@frozen
+class _Stages:
+    """A batch's enrichment and predictions, and how long each took."""
+
+    enrichment: Enrichment
+    predictions: list[Prediction | None]  # None where over its rate (or nothing predicted)
+    limited: list[RequestRejected | None]
+    degraded: list[str]  # the cascade's
+    enrich_ms: float  # routing start -> enrichment in hand
+    classify_ms: float
+    classified: float  # time.monotonic() once every prediction was in hand
 
 
 class Router:
@@ -122,32 +137,21 @@ class Router:
         texts = [r.text() for r in requests]
         plan = BatchPlan(self.config, requests, texts, self.cascade.version,
                          self.config.cache.active(self.cascade.engine is not None))
-        enrichment = await self._enrich(requests, plan.keys)
-        plan.use(enrichment)
-        enriched = time.monotonic()
-        # Over-rate requests fail; cache hits skip the classifier; the rest is one batch.
-        limited = [plan.over_rate(r) for r in requests]
-        known = [None if limited[i] else plan.cached(i) for i in range(len(requests))]
-        misses = [i for i in range(len(requests)) if limited[i] is None and known[i] is None]
-        cascade = await self.cascade.classify([texts[i] for i in misses])
-        predictions: list[Prediction | None] = list(known)
-        for i, fresh in zip(misses, cascade.predictions, strict=True):
-            predictions[i] = fresh
-            if not cascade.degraded:  # never cache what a degraded cascade guessed
-                plan.remember(i, fresh)
-        classified = time.monotonic()
+        stages = await self._prepare(requests, texts, plan, started)
+        classified = stages.classified
 
         out: list[Outgoing | None] = [None] * len(batch)
         for index, item in enumerate(decoded):
             if isinstance(item, Rejected):
                 out[index] = self._failed(batch[index], item, now)
-        stage_ms = {"enrich": _ms(started, enriched), "classify": _ms(enriched, classified)}
         # No await from here to the last decision: what the batch's decisions share holds.
+        enrichment = stages.enrichment
         shared = _Shared(now, now.timestamp() * 1000, orjson.dumps(now)[1:-1].decode(),
-                         enrichment.degraded + cascade.degraded, stage_ms["enrich"],
-                         stage_ms["classify"], self.cascade.version, enrichment, plan)
+                         enrichment.degraded + stages.degraded, stages.enrich_ms,
+                         stages.classify_ms, _ms(started, classified), self.cascade.version,
+                         enrichment, plan)
         for (index, request), text, prediction, over in zip(
-            valid, texts, predictions, limited, strict=True
+            valid, texts, stages.predictions, stages.limited, strict=True
         ):
             if over is not None or prediction is None:
                 rejected = Rejected(request.request_id, request.tenant_id,
@@ -164,16 +168,84 @@ class Router:
         plan.observe(self.metrics)
         if plan.writes and self.enricher is not None:
             self.enricher.write_back_soon(plan.writes)  # in the background, in order
-        self._observe(stage_ms, _ms(classified, decided), _ms(started, decided))
+        self._observe(shared, _ms(classified, decided), _ms(started, decided))
         produced = [o for o in out if o is not None]
         self._count(produced)
         return produced
+
+    async def _prepare(
+        self, requests: list[RoutingRequested], texts: list[str], plan: BatchPlan, started: float
+    ) -> _Stages:
+        """Enrich the batch, then predict every request that is within its rate: from Redis'
+        cache where it had one, else from the classifier.
+
+        A small batch is classified while its Redis round trip is in flight. Its latency is
+        then the longer of the two, not their sum. The classifier sees the whole batch, though,
+        before the cache hits and over-rate requests are known. A larger batch waits for
+        Redis and classifies only the rest. The bound is `classify_overlap_max`.
+        """
+        early: CascadeResult | None = None
+        if self.enricher is not None and 0 < len(requests) <= self.settings.classify_overlap_max:
+            enrichment, enriched, early, classify_ms = await self._enrich_classifying(
+                requests, texts, plan.keys
+            )
+        else:
+            enrichment = await self._enrich(requests, plan.keys)
+            enriched = time.monotonic()
+        plan.use(enrichment)
+        # Over-rate requests fail; cache hits skip the classifier; the rest is one batch.
+        limited = [plan.over_rate(r) for r in requests]
+        known = [None if limited[i] else plan.cached(i) for i in range(len(requests))]
+        misses = [i for i in range(len(requests)) if limited[i] is None and known[i] is None]
+        if early is None:
+            cascade = await self.cascade.classify([texts[i] for i in misses])
+            fresh = cascade.predictions
+        else:
+            cascade = early
+            fresh = [early.predictions[i] for i in misses]
+        predictions: list[Prediction | None] = list(known)
+        for i, prediction in zip(misses, fresh, strict=True):
+            predictions[i] = prediction
+            if not cascade.degraded:  # never cache what a degraded cascade guessed
+                plan.remember(i, prediction)
+        classified = time.monotonic()
+        if early is None:
+            classify_ms = _ms(enriched, classified)
+        return _Stages(enrichment, predictions, limited, cascade.degraded,
+                       _ms(started, enriched), classify_ms, classified)
 
     async def _enrich(self, requests: list[RoutingRequested], keys: list[str]) -> Enrichment:
         if self.enricher is None:
             tenants = {r.tenant_id: self.config.tenant(r.tenant_id) for r in requests}
             return Enrichment(tenants=tenants, degraded=["redis"] if requests else [])
         return await self.enricher.enrich(requests, keys)
+
+    async def _enrich_classifying(
+        self, requests: list[RoutingRequested], texts: list[str], keys: list[str]
+    ) -> tuple[Enrichment, float, CascadeResult, float]:
+        """Send the batch's Redis pipeline, classify every text while Redis answers, then take
+        the reply: (enrichment, when it was in hand, predictions, classification ms)."""
+        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        enriching = asyncio.ensure_future(self._enrich_timed(requests, keys, sent))
+        await sent  # on the wire (or no round trip at all)
+        start = time.monotonic()
+        try:
+            predictions = await self.cascade.classify(texts)
+        except BaseException:
+            await asyncio.gather(enriching, return_exceptions=True)  # never left unread
+            raise
+        classify_ms = _ms(start, time.monotonic())
+        enrichment, enriched = await enriching
+        return enrichment, enriched, predictions, classify_ms
+
+    async def _enrich_timed(
+        self, requests: list[RoutingRequested], keys: list[str], sent: asyncio.Future[None]
+    ) -> tuple[Enrichment, float]:
+        """Enrichment and when it was in hand (the loop may be classifying when Redis
+        replies, so the reply's time is taken when this task next runs)."""
+        assert self.enricher is not None
+        enrichment = await self.enricher.enrich(requests, keys, sent=sent)
+        return enrichment, time.monotonic()
 
     def _decide(
         self,
@@ -248,7 +320,7 @@ class Router:
                 "enrich": shared.enrich_ms,
                 "classify": shared.classify_ms,
                 "queue": queue,
-                "total": round_half_up(queue + shared.enrich_ms + shared.classify_ms, 1e3),
+                "total": round_half_up(queue + shared.busy_ms, 1e3),
             },
             "created_at": request.created_at,
             "decided_at": shared.decided_at,
@@ -350,10 +422,10 @@ class Router:
         for model in self.config.models:
             self.metrics.model_health.labels(model).set(0 if model in enrichment.unhealthy else 1)
 
-    def _observe(self, stage_ms: dict[str, float], decide_ms: float, total_ms: float) -> None:
+    def _observe(self, shared: _Shared, decide_ms: float, total_ms: float) -> None:
         latency = self.metrics.stage_latency
-        latency.labels("enrich").observe(stage_ms["enrich"])
-        latency.labels("classify").observe(stage_ms["classify"])
+        latency.labels("enrich").observe(shared.enrich_ms)
+        latency.labels("classify").observe(shared.classify_ms)
         latency.labels("decide").observe(decide_ms)
         latency.labels("total").observe(total_ms)
 

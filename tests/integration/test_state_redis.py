@@ -70,19 +70,25 @@ def _inbound(body: dict[str, Any], offset: int) -> Inbound:
                    time.time() * 1000)
 
 
-def _router(env: dict[str, str], config: RoutingConfig) -> tuple[Router, Enricher]:
+def _router(
+    env: dict[str, str], config: RoutingConfig, overlap_max: int | None = None
+) -> tuple[Router, Enricher]:
+    if overlap_max is not None:
+        env = {**env, "ROUTER_CLASSIFY_OVERLAP_MAX": str(overlap_max)}
     settings = settings_from(env)
     enricher = Enricher(settings.redis_url.get_secret_value(), settings.redis_prefix, config)
     cascade = Cascade(None, keyword_engine_from_config(config), config.thresholds)
     return Router(settings, config, cascade, enricher, create_metrics()), enricher
 
 
+# 64: the batch below (41) is classified while its round trip is in flight; 0: after it
+@pytest.mark.parametrize("overlap_max", [64, 0])
 async def test_a_batch_with_every_feature_costs_one_round_trip_its_writes_ride_the_next(
     isolated: dict[str, str], tmp_path: Path, redis_client: aioredis.Redis,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, overlap_max: int,
 ) -> None:
     config = config_with(tmp_path, cache={"enabled": True})  # on for the keyword tier too
-    router, enricher = _router(isolated, config)
+    router, enricher = _router(isolated, config, overlap_max)
     keys = Keys(settings_from(isolated).redis_prefix)
     now = time.time()
     await redis_client.hset(keys.health(), mapping={
@@ -304,3 +310,76 @@ async def test_the_keyword_tier_alone_leaves_the_cache_off_by_default(
     assert {orjson.loads(o.value)["decision"]["tier"] for o in again} == {"keyword"}
     prefix = settings_from(isolated).redis_prefix
     assert not [k async for k in redis_client.scan_iter(match=f"{prefix}cache:*")]
+
+
+class Order:
+    """Records when the route pipeline's Redis round trip starts and ends, and when the
+    classifier runs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, router: Router) -> None:
+        self.seen: list[str] = []
+        original_execute = Pipeline.execute
+        original_classify = router.cascade.classify
+
+        async def execute(pipe: Pipeline, *args: Any, **kwargs: Any) -> Any:
+            self.seen.append("redis sent")
+            try:
+                return await original_execute(pipe, *args, **kwargs)
+            finally:
+                self.seen.append("redis replied")
+
+        async def classify(texts: list[str]) -> Any:
+            self.seen.append(f"classify {len(texts)}")
+            return await original_classify(texts)
+
+        monkeypatch.setattr(Pipeline, "execute", execute)
+        monkeypatch.setattr(router.cascade, "classify", classify)
+
+
+@pytest.mark.parametrize(("size", "expected"), [
+    (3, ["redis sent", "classify 3", "redis replied"]),  # the whole batch, during the trip
+    (5, ["redis sent", "redis replied", "classify 4"]),  # over the bound: after, without
+])                                                        # the cache hit
+async def test_a_small_batch_is_classified_while_its_redis_round_trip_is_in_flight(
+    isolated: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    size: int, expected: list[str],
+) -> None:
+    config = config_with(tmp_path, cache={"enabled": True})
+    router, enricher = _router(isolated, config, overlap_max=4)
+    try:
+        await router.route([_inbound({"request_id": "seed", "prompt": "prompt 0"}, 0)])
+        await enricher.flush()  # "prompt 0" is cached now
+        batch = [_inbound({"request_id": f"r{i}", "prompt": f"prompt {i}"}, i)
+                 for i in range(size)]
+        order = Order(monkeypatch, router)
+        out = await router.route(batch)
+        seen = list(order.seen)  # not the write-back that `stop` flushes
+    finally:
+        await enricher.stop()
+    assert seen == expected
+    events = [orjson.loads(o.value) for o in out]
+    assert [e["decision"]["tier"] == "cache" for e in events] == [True] + [False] * (size - 1)
+    for event in events:
+        t = event["timings_ms"]
+        assert t["total"] <= t["queue"] + t["enrich"] + t["classify"] + 0.002
+        assert t["total"] >= t["queue"] + max(t["enrich"], t["classify"]) - 0.002
+
+
+async def test_the_enrich_sent_signal_resolves_without_a_round_trip_too(
+    isolated: dict[str, str], tmp_path: Path,
+) -> None:
+    config = config_with(tmp_path)
+    settings = settings_from(isolated)
+    loop = asyncio.get_running_loop()
+    request = RoutingRequested.model_validate({"request_id": "r1", "prompt": "hello"})
+    live = Enricher(settings.redis_url.get_secret_value(), settings.redis_prefix, config)
+    dead = Enricher("redis://127.0.0.1:1/0", settings.redis_prefix, config)
+    try:
+        for enricher, requests in ((live, []), (live, [request]), (dead, [request]),
+                                   (dead, [request])):  # the last: skipped after a failure
+            sent: asyncio.Future[None] = loop.create_future()
+            enrichment = await enricher.enrich(requests, sent=sent)
+            assert sent.done()
+            assert ("redis" in enrichment.degraded) == (enricher is dead)
+    finally:
+        await asyncio.gather(live.stop(), dead.stop())
