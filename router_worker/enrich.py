@@ -198,14 +198,16 @@ def _parse_health(reply: object, scripted: bool) -> tuple[frozenset[str], frozen
     return frozenset(unhealthy), frozenset(probes)
 
 
-def _resolver(future: asyncio.Future[None]) -> Callable[[], None]:
-    """A callback that resolves `future` the first time it runs."""
+def _once(callback: Callable[[], None]) -> Callable[[], None]:
+    """`callback`, run on the first call only (a fresh connection sends its handshake
+    first)."""
+    pending = [callback]
 
-    def resolve() -> None:
-        if not future.done():
-            future.set_result(None)
+    def run() -> None:
+        if pending:
+            pending.pop()()
 
-    return resolve
+    return run
 
 
 class Enricher:
@@ -325,25 +327,16 @@ class Enricher:
 
     async def enrich(
         self, requests: Sequence[RoutingRequested], cache_keys: Sequence[str] = (),
-        now: float | None = None, sent: asyncio.Future[None] | None = None,
+        now: float | None = None, on_sent: Callable[[], None] | None = None,
     ) -> Enrichment:
         """One pipeline: the earlier batches' queued writes, then tenant profiles, breakers
         (claiming half-open probes), demotions, session pins, cached classifications, today's
         spend and the token buckets.
 
-        `sent`, when given, is resolved once the pipeline is on the wire, or once this returns
-        without one (no requests, Redis skipped after a failure): a caller may then do its own
-        work while Redis answers."""
-        try:
-            return await self._enrich(requests, cache_keys, now, sent)
-        finally:
-            if sent is not None and not sent.done():
-                sent.set_result(None)
-
-    async def _enrich(
-        self, requests: Sequence[RoutingRequested], cache_keys: Sequence[str],
-        now: float | None, sent: asyncio.Future[None] | None,
-    ) -> Enrichment:
+        `on_sent`, when given, runs once the pipeline is on the wire, before its reply is read:
+        work done there overlaps the server's. It runs inside redis-py's call, so it must not
+        raise. It does not run when no round trip is made (no requests; Redis skipped after a
+        failure)."""
         if not requests:
             return Enrichment()
         if self._writing is not None:  # earlier batches' pins and cache entries land first
@@ -387,9 +380,9 @@ class Enricher:
         for tenant_id, (rate, burst) in limited:
             pipe.eval(BUCKET_SCRIPT, 1, self.keys.bucket(tenant_id), rate, burst,
                       int(now * 1000), wanted[tenant_id])
-        # The task takes ON_SENT from this context as it is now: only this pipeline's send
-        # resolves `sent`.
-        hook = ON_SENT.set(_resolver(sent)) if sent is not None else None
+        # The task takes ON_SENT from this context as it is now: only this pipeline's sends
+        # see it (the first one runs `on_sent`).
+        hook = ON_SENT.set(_once(on_sent)) if on_sent is not None else None
         execution = asyncio.ensure_future(pipe.execute())
         if hook is not None:
             ON_SENT.reset(hook)

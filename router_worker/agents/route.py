@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -102,6 +101,26 @@ class _Stages:
     classified: float  # time.monotonic() once every prediction was in hand
 
 
+class _Early:
+    """A small batch's classification, run by the enricher right after the batch's Redis
+    pipeline is on the wire: the classifier and Redis then work at the same time."""
+
+    def __init__(self, cascade: Cascade, texts: list[str]) -> None:
+        self.cascade = cascade
+        self.texts = texts
+        self.result: CascadeResult | None = None
+        self.error: Exception | None = None
+        self.ms = 0.0
+
+    def __call__(self) -> None:
+        start = time.monotonic()
+        try:
+            self.result = self.cascade.classify_now(self.texts)
+        except Exception as exc:  # re-raised in the batch's own code, not inside redis-py
+            self.error = exc
+        self.ms = _ms(start, time.monotonic())
+
+
 class Router:
     """Turns a micro-batch of raw records into completed/failed records."""
 
@@ -184,68 +203,48 @@ class Router:
         before the cache hits and over-rate requests are known. A larger batch waits for
         Redis and classifies only the rest. The bound is `classify_overlap_max`.
         """
-        early: CascadeResult | None = None
-        if self.enricher is not None and 0 < len(requests) <= self.settings.classify_overlap_max:
-            enrichment, enriched, early, classify_ms = await self._enrich_classifying(
-                requests, texts, plan.keys
-            )
-        else:
-            enrichment = await self._enrich(requests, plan.keys)
-            enriched = time.monotonic()
+        early = _Early(self.cascade, texts) if self._overlaps(len(requests)) else None
+        enrichment = await self._enrich(requests, plan.keys, early)
+        enriched = time.monotonic()
+        if early is not None and early.error is not None:
+            raise early.error
         plan.use(enrichment)
         # Over-rate requests fail; cache hits skip the classifier; the rest is one batch.
         limited = [plan.over_rate(r) for r in requests]
         known = [None if limited[i] else plan.cached(i) for i in range(len(requests))]
         misses = [i for i in range(len(requests)) if limited[i] is None and known[i] is None]
-        if early is None:
+        if early is not None and early.result is not None:  # classified during the trip
+            cascade = early.result
+            fresh = [cascade.predictions[i] for i in misses]
+            classify_ms = early.ms
+        else:
             cascade = await self.cascade.classify([texts[i] for i in misses])
             fresh = cascade.predictions
-        else:
-            cascade = early
-            fresh = [early.predictions[i] for i in misses]
+            classify_ms = -1.0  # from `enriched` to the end, below
         predictions: list[Prediction | None] = list(known)
         for i, prediction in zip(misses, fresh, strict=True):
             predictions[i] = prediction
             if not cascade.degraded:  # never cache what a degraded cascade guessed
                 plan.remember(i, prediction)
         classified = time.monotonic()
-        if early is None:
+        if classify_ms < 0:
             classify_ms = _ms(enriched, classified)
         return _Stages(enrichment, predictions, limited, cascade.degraded,
                        _ms(started, enriched), classify_ms, classified)
 
-    async def _enrich(self, requests: list[RoutingRequested], keys: list[str]) -> Enrichment:
+    def _overlaps(self, size: int) -> bool:
+        """Whether a batch of `size` requests is classified during its Redis round trip."""
+        return (self.enricher is not None and 0 < size <= self.settings.classify_overlap_max
+                and self.cascade.inline(size))
+
+    async def _enrich(
+        self, requests: list[RoutingRequested], keys: list[str],
+        on_sent: Callable[[], None] | None = None,
+    ) -> Enrichment:
         if self.enricher is None:
             tenants = {r.tenant_id: self.config.tenant(r.tenant_id) for r in requests}
             return Enrichment(tenants=tenants, degraded=["redis"] if requests else [])
-        return await self.enricher.enrich(requests, keys)
-
-    async def _enrich_classifying(
-        self, requests: list[RoutingRequested], texts: list[str], keys: list[str]
-    ) -> tuple[Enrichment, float, CascadeResult, float]:
-        """Send the batch's Redis pipeline, classify every text while Redis answers, then take
-        the reply: (enrichment, when it was in hand, predictions, classification ms)."""
-        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        enriching = asyncio.ensure_future(self._enrich_timed(requests, keys, sent))
-        await sent  # on the wire (or no round trip at all)
-        start = time.monotonic()
-        try:
-            predictions = await self.cascade.classify(texts)
-        except BaseException:
-            await asyncio.gather(enriching, return_exceptions=True)  # never left unread
-            raise
-        classify_ms = _ms(start, time.monotonic())
-        enrichment, enriched = await enriching
-        return enrichment, enriched, predictions, classify_ms
-
-    async def _enrich_timed(
-        self, requests: list[RoutingRequested], keys: list[str], sent: asyncio.Future[None]
-    ) -> tuple[Enrichment, float]:
-        """Enrichment and when it was in hand (the loop may be classifying when Redis
-        replies, so the reply's time is taken when this task next runs)."""
-        assert self.enricher is not None
-        enrichment = await self.enricher.enrich(requests, keys, sent=sent)
-        return enrichment, time.monotonic()
+        return await self.enricher.enrich(requests, keys, on_sent=on_sent)
 
     def _decide(
         self,

@@ -60,6 +60,33 @@ class Cascade:
             return fn(texts)
         return await asyncio.to_thread(fn, texts)
 
+    def inline(self, n: int) -> bool:
+        """Whether a batch of `n` is classified on the calling thread (`classify_now` may
+        take it)."""
+        return n <= self.inline_max and not self._releases_gil()
+
+    def _releases_gil(self) -> bool:
+        # Asked per call: a hot reload may swap in an engine with or without the encoder
+        # stage, and with it whether the work releases the GIL.
+        return self.engine is not None and bool(getattr(self.engine, "releases_gil", False))
+
+    def classify_now(self, texts: list[str]) -> CascadeResult:
+        """`classify` without an event loop, for a batch `inline` allows.
+
+        Such a batch never awaits anything (every `_call` returns at once), so the coroutine
+        runs to its end on its first step; this drives that step.
+        """
+        if not self.inline(len(texts)):
+            raise ValueError(f"a batch of {len(texts)} needs a thread: use classify")
+        step = self.classify(texts)
+        try:
+            step.send(None)
+        except StopIteration as done:
+            result: CascadeResult = done.value
+            return result
+        step.close()
+        raise RuntimeError("the cascade suspended on an inline batch")
+
     async def classify(self, texts: list[str]) -> CascadeResult:
         """Classify; large batches off the event loop so the consumer keeps fetching."""
         if not texts:
@@ -68,11 +95,7 @@ class Cascade:
             return CascadeResult(await self._call(self.keyword.classify, texts),
                                  self.unavailable)
         try:
-            # Asked per call: a hot reload may swap in an engine with or without the encoder
-            # stage, and with it whether the work releases the GIL.
-            predictions = await self._call(
-                self.engine.classify, texts, bool(getattr(self.engine, "releases_gil", False))
-            )
+            predictions = await self._call(self.engine.classify, texts, self._releases_gil())
         except Exception as exc:  # any engine fault must degrade, never stop routing
             log.error("engine_failed", engine=self.engine.name, error=repr(exc)[:300])
             return CascadeResult(await self._call(self.keyword.classify, texts),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,8 @@ def _router(
         env = {**env, "ROUTER_CLASSIFY_OVERLAP_MAX": str(overlap_max)}
     settings = settings_from(env)
     enricher = Enricher(settings.redis_url.get_secret_value(), settings.redis_prefix, config)
-    cascade = Cascade(None, keyword_engine_from_config(config), config.thresholds)
+    cascade = Cascade(None, keyword_engine_from_config(config), config.thresholds,
+                      inline_max=settings.classify_inline_max)
     return Router(settings, config, cascade, enricher, create_metrics()), enricher
 
 
@@ -365,21 +367,22 @@ async def test_a_small_batch_is_classified_while_its_redis_round_trip_is_in_flig
         assert t["total"] >= t["queue"] + max(t["enrich"], t["classify"]) - 0.002
 
 
-async def test_the_enrich_sent_signal_resolves_without_a_round_trip_too(
+async def test_the_enrich_on_sent_hook_runs_once_per_round_trip_and_only_then(
     isolated: dict[str, str], tmp_path: Path,
 ) -> None:
     config = config_with(tmp_path)
     settings = settings_from(isolated)
-    loop = asyncio.get_running_loop()
     request = RoutingRequested.model_validate({"request_id": "r1", "prompt": "hello"})
     live = Enricher(settings.redis_url.get_secret_value(), settings.redis_prefix, config)
     dead = Enricher("redis://127.0.0.1:1/0", settings.redis_prefix, config)
     try:
-        for enricher, requests in ((live, []), (live, [request]), (dead, [request]),
-                                   (dead, [request])):  # the last: skipped after a failure
-            sent: asyncio.Future[None] = loop.create_future()
-            enrichment = await enricher.enrich(requests, sent=sent)
-            assert sent.done()
+        # live, first: the connection's handshake goes first, the hook still runs once
+        for enricher, requests, runs in ((live, [request], 1), (live, [request], 1),
+                                         (live, [], 0), (dead, [request], 0),
+                                         (dead, [request], 0)):  # skipped after a failure
+            calls: list[int] = []
+            enrichment = await enricher.enrich(requests, on_sent=partial(calls.append, 1))
+            assert len(calls) == runs
             assert ("redis" in enrichment.degraded) == (enricher is dead)
     finally:
         await asyncio.gather(live.stop(), dead.stop())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
+
 from router_worker.classify.cascade import Cascade
 from router_worker.classify.engine import Prediction
 from router_worker.classify.keyword import keyword_engine_from_config
@@ -65,3 +67,29 @@ def test_an_engine_swapped_in_by_a_reload_gets_a_thread_when_it_releases_the_gil
     cascade.engine = swapped
     asyncio.run(cascade.classify(["fix my python bug"]))
     assert swapped.threads[0] != threading.main_thread().name
+
+
+class Unsure(ThreadRecorder):
+    """An engine below every threshold: the cascade asks the keyword tier as well."""
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        super().classify(texts)
+        return [Prediction("chat", "simple", 0.01) for _ in texts]
+
+
+def test_classify_now_gives_what_classify_gives_without_an_event_loop() -> None:
+    texts = ["fix my python bug", "integrate x squared", "hello"]
+    for engine in (ThreadRecorder("cpu"), Unsure("cpu")):
+        cascade = _cascade(engine, inline_max=4)
+        assert cascade.inline(3)
+        assert cascade.classify_now(texts) == asyncio.run(cascade.classify(texts))
+    assert engine.threads == [threading.main_thread().name] * 2
+
+
+def test_classify_now_refuses_a_batch_that_needs_a_thread() -> None:
+    for engine, size in ((ThreadRecorder("cpu"), 5), (ThreadRecorder("vllm", True), 1)):
+        cascade = _cascade(engine, inline_max=4)
+        assert not cascade.inline(size)
+        with pytest.raises(ValueError, match="needs a thread"):
+            cascade.classify_now(["fix my python bug"] * size)
+    assert engine.threads == []
