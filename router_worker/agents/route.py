@@ -216,19 +216,17 @@ class Router:
         if early is not None and early.result is not None:  # classified during the trip
             cascade = early.result
             fresh = [cascade.predictions[i] for i in misses]
-            classify_ms = early.ms
         else:
             cascade = await self.cascade.classify([texts[i] for i in misses])
             fresh = cascade.predictions
-            classify_ms = -1.0  # from `enriched` to the end, below
         predictions: list[Prediction | None] = list(known)
         for i, prediction in zip(misses, fresh, strict=True):
             predictions[i] = prediction
             if not cascade.degraded:  # never cache what a degraded cascade guessed
                 plan.remember(i, prediction)
         classified = time.monotonic()
-        if classify_ms < 0:
-            classify_ms = _ms(enriched, classified)
+        classify_ms = (early.ms if early is not None and early.result is not None
+                       else _ms(enriched, classified))
         return _Stages(enrichment, predictions, limited, cascade.degraded,
                        _ms(started, enriched), classify_ms, classified)
 
