@@ -386,3 +386,31 @@ async def test_the_enrich_on_sent_hook_runs_once_per_round_trip_and_only_then(
             assert ("redis" in enrichment.degraded) == (enricher is dead)
     finally:
         await asyncio.gather(live.stop(), dead.stop())
+
+
+async def test_a_classifier_bug_during_the_round_trip_fails_that_batch_not_the_connection(
+    isolated: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = config_with(tmp_path)
+    router, enricher = _router(isolated, config)
+    keyword = router.cascade.keyword
+    original = keyword.classify
+    calls: list[int] = []
+
+    def broken_once(texts: list[str]) -> Any:
+        calls.append(len(texts))
+        if len(calls) == 1:
+            raise ZeroDivisionError("a bug")
+        return original(texts)
+
+    monkeypatch.setattr(keyword, "classify", broken_once)
+    batch = [_inbound({"request_id": f"r{i}", "prompt": "hello there"}, i) for i in range(3)]
+    try:
+        with pytest.raises(ZeroDivisionError):  # the runtime turns this into `internal` failures
+            await router.route(batch)
+        out = await router.route(batch)  # the same connection pool serves the next batch
+    finally:
+        await enricher.stop()
+    assert calls == [3, 3]
+    events = [orjson.loads(o.value) for o in out]
+    assert [e["degraded"] for e in events] == [[]] * 3
