@@ -42,7 +42,9 @@ def _wrap_offered_load() -> None:
                          **watcher.timings.get(rid, {})})
         rows.sort(key=lambda r: r["t"])
         # run_bench measures the bare hop first, then the pipeline
-        _WINDOWS.append({"name": "pipeline" if _WINDOWS else "bare_hop", "rows": rows})
+        # t0: the first publish on time.monotonic(), the clock other probes can share
+        _WINDOWS.append({"name": "pipeline" if _WINDOWS else "bare_hop", "t0": start,
+                         "rows": rows})
         return result
 
     bench.offered_load = traced  # type: ignore[assignment]
